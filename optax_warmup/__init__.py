@@ -5,8 +5,37 @@ BatchNorm parameters and biases, label smoothing, and the zero-gamma and
 Gaussian initializations, as pure functions and optax transformations.
 """
 
+from optax_warmup import models
+from optax_warmup._initializers import gaussian_fc_init, he_conv_init, zero_gamma_init
+from optax_warmup._recipes import goyal_sgd
+from optax_warmup._schedules import (
+    goyal_schedule,
+    gradual_warmup_schedule,
+    linear_scaling_rule,
+    untuned_warmup_schedule,
+    warmup_schedule,
+)
+from optax_warmup._transforms import ScaleByWarmupState, current_lr, scale_by_warmup
+from optax_warmup._weight_decay import decay_mask, decay_report, masked_weight_decay
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "ScaleByWarmupState",
     "__version__",
+    "current_lr",
+    "decay_mask",
+    "decay_report",
+    "gaussian_fc_init",
+    "goyal_schedule",
+    "goyal_sgd",
+    "gradual_warmup_schedule",
+    "he_conv_init",
+    "linear_scaling_rule",
+    "masked_weight_decay",
+    "models",
+    "scale_by_warmup",
+    "untuned_warmup_schedule",
+    "warmup_schedule",
+    "zero_gamma_init",
 ]

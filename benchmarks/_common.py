@@ -1,0 +1,89 @@
+"""Shared timing and reporting for the benchmark scripts (not part of the library).
+
+Every script times the first (compiling) call apart, warms up, then times ``repeats``
+calls that each end in ``block_until_ready`` and reports the median, so the same
+script gives comparable numbers on CPU, GPU and TPU.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict[str, Any]:
+    """The backend, device and library versions a result was measured with."""
+    import flax
+    import optax
+
+    device = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": _cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "flax": flax.__version__,
+    }
+
+
+def _cpu_count() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def time_call(
+    fn: Callable[..., Any], *args: Any, repeats: int = 20, warmup: int = 3
+) -> dict[str, float]:
+    """Times ``fn(*args)``: the first call (compile) apart, then the median of repeats.
+
+    Returns seconds: ``{"first_call_s", "median_s", "min_s"}``.
+    """
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return {
+        "first_call_s": first,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+    }
+
+
+def device_tag() -> str:
+    """A file-name-safe ``<backend>-<device>`` tag, e.g. ``cpu-cpu`` or ``gpu-h100``."""
+    kind = jax.devices()[0].device_kind.lower()
+    safe = "".join(c if c.isalnum() else "_" for c in kind).strip("_")
+    return f"{jax.default_backend()}-{safe}"
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """Writes ``result`` (plus the environment) to results/<name>-<device_tag>.json."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{device_tag()}.json"
+    payload = {"benchmark": name, "environment": environment(), **result}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {path}")
+    return path

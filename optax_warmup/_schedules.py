@@ -1,0 +1,348 @@
+"""Learning-rate schedules of the large-minibatch recipe: pure functions of the step.
+
+Every schedule here is a closure ``schedule(step) -> float32 scalar`` like optax's. It
+casts the step to float32 first, so the int32 count of optax, the uint32 step of
+``nnx.Optimizer``, int64 steps (with x64) and float steps all give the same values, and
+it uses no Python ``if`` on array values, so hyperparameters may be traced (``vmap``
+over learning rates or warmup lengths). float32 counts exactly up to 2**24 steps;
+beyond that a step may be rounded to its float32 neighbour (a hand-off or milestone
+can move by a few steps out of millions).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from optax_warmup._validation import check_choice, check_int, check_real
+
+WarmupShape = Literal["linear", "constant", "exponential", "cosine"]
+_SHAPES = ("linear", "constant", "exponential", "cosine")
+_TIMES = ("relative", "absolute")
+_GOYAL_WARMUPS = ("gradual", "constant", "none")
+_UNTUNED_SHAPES = ("linear", "exponential")
+
+
+def _f32(x: ArrayLike) -> jax.Array:
+    return jnp.asarray(x, jnp.float32)
+
+
+def _as_schedule(after: optax.ScalarOrSchedule) -> optax.Schedule:
+    if callable(after):
+        return after
+    check_real("after", after, low=0.0)
+    value = _f32(after)
+    return lambda step: value
+
+
+def _ramp(shape: str, init: jax.Array, peak: jax.Array, frac: jax.Array) -> jax.Array:
+    """Rise from ``init`` (frac = 0) to ``peak`` (frac = 1) along ``shape``."""
+    if shape == "linear":
+        return init + (peak - init) * frac
+    if shape == "cosine":
+        return init + (peak - init) * 0.5 * (1.0 - jnp.cos(jnp.pi * frac))
+    if shape == "exponential":
+        return init * (peak / init) ** frac
+    return init  # "constant"
+
+
+def linear_scaling_rule(
+    base_lr: ArrayLike, batch_size: ArrayLike, base_batch_size: ArrayLike = 256
+) -> ArrayLike:
+    """The linear scaling rule: multiply the batch size by k, multiply the rate by k.
+
+    ``lr = base_lr * batch_size / base_batch_size``; Goyal et al. use
+    ``η = 0.1 · kn / 256`` for ResNet-50 on ImageNet.
+
+    Args:
+      base_lr: the learning rate tuned for ``base_batch_size`` (finite, >= 0).
+      batch_size: the total (global) minibatch size kn, over all workers (> 0).
+      base_batch_size: the batch size ``base_lr`` was tuned for (> 0).
+
+    Returns:
+      The scaled learning rate: a Python float for Python numbers, else an array.
+
+    Example:
+      >>> import optax_warmup as ow
+      >>> ow.linear_scaling_rule(0.1, 8192)
+      3.2
+
+    References:
+      Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
+      arXiv:1706.02677, section 2.1.
+    """
+    check_real("base_lr", base_lr, low=0.0)
+    check_real("batch_size", batch_size, low=0.0, low_open=True)
+    check_real("base_batch_size", base_batch_size, low=0.0, low_open=True)
+    return base_lr * batch_size / base_batch_size
+
+
+def warmup_schedule(
+    after: optax.ScalarOrSchedule,
+    warmup_steps: ArrayLike,
+    *,
+    init_value: ArrayLike = 0.0,
+    shape: WarmupShape = "linear",
+    time: Literal["relative", "absolute"] = "relative",
+) -> optax.Schedule:
+    """Puts a warmup of ``warmup_steps`` steps in front of any schedule or constant.
+
+    With ``W = warmup_steps``, ``f = t / W`` and ``peak`` the value of ``after`` at the
+    hand-off (``after(0)`` for relative time, ``after(W)`` for absolute time), step
+    ``t < W`` gives, by ``shape``:
+
+    - ``"linear"`` (Goyal's gradual warmup): ``init + (peak - init) * f``;
+    - ``"constant"`` (Goyal's constant warmup): ``init``, then a jump to ``after``;
+    - ``"exponential"``: ``init * (peak / init) ** f``, a straight line in log scale
+      (needs ``init_value > 0``; a peak <= 0 gives NaN);
+    - ``"cosine"``: ``init + (peak - init) * (1 - cos(π f)) / 2``.
+
+    Step ``t >= W`` gives ``after(t - W)`` with ``time="relative"`` (optax's
+    ``join_schedules`` convention: ``after`` starts afresh at the hand-off) or
+    ``after(t)`` with ``time="absolute"`` (Goyal's "go back to the original
+    schedule": decay milestones stay at absolute epochs). The hand-off is continuous
+    for every shape but ``"constant"``, since the warmup ends at ``peak``.
+
+    Edge cases: step 0 gives ``init_value`` (for ``W > 0``); ``warmup_steps=0`` gives
+    exactly ``after`` at every step (optax's ``warmup_constant_schedule`` with 0 steps
+    gives ``init_value`` forever); ``after`` is never evaluated at a negative step, so
+    an unselected branch cannot make NaN values or NaN gradients; negative steps are
+    treated as step 0.
+
+    Hyperparameters may be traced (``jax.vmap`` over ``init_value``, a constant
+    ``after`` or ``warmup_steps``); traced values are not checked, and a traced
+    non-integer ``warmup_steps`` acts as the real number it is.
+
+    Args:
+      after: the schedule (``step -> value``) or constant that follows the warmup.
+      warmup_steps: W, the number of warmup steps (an integer >= 0).
+      init_value: the value at step 0 (finite, >= 0; > 0 for ``"exponential"``).
+      shape: ``"linear"``, ``"constant"``, ``"exponential"`` or ``"cosine"``.
+      time: ``"relative"`` or ``"absolute"``: the step that ``after`` sees.
+
+    Returns:
+      A schedule ``step -> float32 scalar``.
+
+    Example:
+      >>> import optax, optax_warmup as ow
+      >>> decay = optax.cosine_decay_schedule(1.0, decay_steps=100)
+      >>> schedule = ow.warmup_schedule(decay, warmup_steps=10)
+      >>> [round(float(schedule(t)), 3) for t in (0, 5, 10, 60)]
+      [0.0, 0.5, 1.0, 0.5]
+
+    References:
+      Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
+      arXiv:1706.02677, section 2.2.
+    """
+    check_int("warmup_steps", warmup_steps)
+    check_choice("shape", shape, _SHAPES)
+    check_choice("time", time, _TIMES)
+    if shape == "exponential":
+        check_real("init_value", init_value, low=0.0, low_open=True)
+    else:
+        check_real("init_value", init_value, low=0.0)
+    after_fn = _as_schedule(after)
+
+    def schedule(step: ArrayLike) -> jax.Array:
+        t = jnp.maximum(_f32(step), 0.0)
+        w = _f32(warmup_steps)
+        init = _f32(init_value)
+        # 1) warmup: t < W rises from init to the value at the hand-off.
+        peak = _f32(after_fn(0) if time == "relative" else after_fn(w))
+        frac = jnp.clip(t / jnp.maximum(w, 1.0), 0.0, 1.0)
+        warm = _ramp(shape, init, peak, frac)
+        # 2) after: t >= W; the argument is clamped so after never sees t < 0.
+        after_step = jnp.maximum(t - w, 0.0) if time == "relative" else t
+        return jnp.where(t < w, warm, _f32(after_fn(after_step)))
+
+    return schedule
+
+
+def gradual_warmup_schedule(
+    base_lr: ArrayLike,
+    multiplier: ArrayLike,
+    warmup_steps: ArrayLike,
+    after: optax.Schedule | None = None,
+) -> optax.Schedule:
+    """The GradualWarmupScheduler of the seed (ildoonet's PyTorch scheduler), per step.
+
+    For ``t < T = warmup_steps``::
+
+      multiplier > 1:   base_lr * ((multiplier - 1) * t / T + 1)  (from base_lr up)
+      multiplier == 1:  base_lr * t / T                           (from 0 up)
+
+    and from step ``T`` on ``after(t - T)`` (relative steps; ``after`` should start at
+    ``multiplier * base_lr``), or the constant ``multiplier * base_lr`` when ``after``
+    is None. The reference warms up from 0 when multiplier is 1, a case that its
+    formula alone would hold at base_lr forever; it is kept here.
+
+    Unlike the stateful PyTorch scheduler, this is a pure function of the step: the
+    first step after warmup is exactly ``after(0)`` (not the stale peak, not one step
+    late), and a resumed run gets the same rate as an uninterrupted one.
+
+    Args:
+      base_lr: the learning rate at step 0 (finite, >= 0).
+      multiplier: the peak is ``multiplier * base_lr`` (>= 1).
+      warmup_steps: T (an integer >= 0); 0 gives ``after`` (or the peak) at once.
+      after: the schedule after the warmup, or None for a constant peak.
+
+    Returns:
+      A schedule ``step -> float32 scalar``.
+
+    Example:
+      >>> import optax_warmup as ow
+      >>> schedule = ow.gradual_warmup_schedule(0.1, multiplier=8, warmup_steps=4)
+      >>> [round(float(schedule(t)), 3) for t in range(6)]
+      [0.1, 0.275, 0.45, 0.625, 0.8, 0.8]
+
+    References:
+      Goyal et al. 2017, arXiv:1706.02677, section 2.2;
+      github.com/ildoonet/pytorch-gradual-warmup-lr.
+    """
+    check_real("base_lr", base_lr, low=0.0)
+    check_real("multiplier", multiplier, low=1.0)
+    check_int("warmup_steps", warmup_steps)
+    peak = _f32(base_lr) * _f32(multiplier)
+    init = jnp.where(_f32(multiplier) == 1.0, 0.0, _f32(base_lr))
+    warm = warmup_schedule(peak, warmup_steps, init_value=init)
+    if after is None:
+        return warm
+    after_fn = after
+
+    def schedule(step: ArrayLike) -> jax.Array:
+        t = jnp.maximum(_f32(step), 0.0)
+        w = _f32(warmup_steps)
+        return jnp.where(t < w, warm(t), _f32(after_fn(jnp.maximum(t - w, 0.0))))
+
+    return schedule
+
+
+def goyal_schedule(
+    batch_size: int,
+    steps_per_epoch: int,
+    *,
+    base_lr: float = 0.1,
+    base_batch_size: int = 256,
+    warmup_epochs: float = 5,
+    milestones: Sequence[float] = (30, 60, 80),
+    decay_factor: float = 0.1,
+    warmup: Literal["gradual", "constant", "none"] = "gradual",
+) -> optax.Schedule:
+    """Goyal et al.'s ImageNet schedule, per iteration.
+
+    With ``peak = base_lr * batch_size / base_batch_size`` (the linear scaling rule),
+    ``W = warmup_epochs * steps_per_epoch`` (rounded to a step) and
+    ``M_i = milestones[i] * steps_per_epoch``, step ``t`` gives:
+
+    1) warmup, ``t < W``: ``"gradual"``: ``base_lr + (peak - base_lr) * t / W``;
+       ``"constant"``: ``base_lr``; ``"none"``: no warmup (``W = 0``);
+    2) after: ``peak * decay_factor ** #{i : t >= M_i}``, at absolute epochs.
+
+    Step 0 gives ``base_lr`` (``peak`` with ``"none"``), step ``W`` gives ``peak``, and
+    the first step of epoch 30 gives ``peak * 0.1``. The count is the optimizer's:
+    under ``optax.MultiSteps`` a step is one optimizer update, not one micro-batch.
+
+    Args:
+      batch_size: the global minibatch size kn (> 0).
+      steps_per_epoch: optimizer steps per epoch (an integer > 0).
+      base_lr: the rate for ``base_batch_size`` (0.1 for 256 in the paper).
+      base_batch_size: the batch size ``base_lr`` belongs to.
+      warmup_epochs: length of the warmup in epochs (>= 0; may be fractional).
+      milestones: epochs at which the rate is multiplied by ``decay_factor``: strictly
+        increasing and after the warmup.
+      decay_factor: the factor at each milestone, in (0, 1].
+      warmup: ``"gradual"``, ``"constant"`` or ``"none"``.
+
+    Returns:
+      A schedule ``step -> float32 scalar``.
+
+    Example:
+      >>> import optax_warmup as ow
+      >>> schedule = ow.goyal_schedule(batch_size=8192, steps_per_epoch=156)
+      >>> [round(float(schedule(e * 156)), 4) for e in (0, 5, 30, 60, 80)]
+      [0.1, 3.2, 0.32, 0.032, 0.0032]
+
+    References:
+      Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
+      arXiv:1706.02677, sections 2.1, 2.2 and 5.1.
+    """
+    check_int("steps_per_epoch", steps_per_epoch, low=1)
+    check_real("warmup_epochs", warmup_epochs, low=0.0)
+    check_real("decay_factor", decay_factor, low=0.0, high=1.0, low_open=True)
+    check_choice("warmup", warmup, _GOYAL_WARMUPS)
+    peak = linear_scaling_rule(base_lr, batch_size, base_batch_size)
+    warmup_end = 0.0 if warmup == "none" else float(warmup_epochs)
+    milestones = tuple(milestones)
+    for m in milestones:
+        check_real("milestones", m, low=0.0)
+    if any(b <= a for a, b in itertools.pairwise(milestones)):
+        raise ValueError(f"milestones must be strictly increasing, got {milestones}")
+    if milestones and milestones[0] <= warmup_end:
+        raise ValueError(
+            f"milestones must come after the warmup ({warmup_end} epochs), "
+            f"got {milestones}"
+        )
+    warmup_steps = round(warmup_end * steps_per_epoch)
+    boundaries = _f32([m * steps_per_epoch for m in milestones])
+    levels = _f32([peak * decay_factor**i for i in range(len(milestones) + 1)])
+
+    def decayed(step: jax.Array) -> jax.Array:
+        return levels[jnp.sum(step >= boundaries, dtype=jnp.int32)]
+
+    return warmup_schedule(
+        decayed,
+        warmup_steps,
+        init_value=base_lr,
+        shape="constant" if warmup == "constant" else "linear",
+        time="absolute",
+    )
+
+
+def untuned_warmup_schedule(
+    b2: float = 0.999, shape: Literal["linear", "exponential"] = "linear"
+) -> optax.Schedule:
+    """The untuned warmup factor for Adam of Ma & Yarats 2019, in (0, 1].
+
+    With ``t`` the 0-based count (``t + 1`` is Adam's step index):
+
+    - ``"linear"``: ``min(1, (t + 1) / τ)`` with ``τ = 2 / (1 - b2)``
+      (2000 steps for ``b2 = 0.999``);
+    - ``"exponential"``: ``1 - exp(-(t + 1) / τ)`` with ``τ = 1 / (1 - b2)``.
+
+    Multiply an Adam learning rate by it, or give it to ``scale_by_warmup``.
+
+    Args:
+      b2: Adam's second-moment decay, in (0, 1).
+      shape: ``"linear"`` or ``"exponential"``.
+
+    Returns:
+      A schedule ``step -> float32 scalar``.
+
+    Example:
+      >>> import optax_warmup as ow
+      >>> factor = ow.untuned_warmup_schedule(b2=0.999)
+      >>> [round(float(factor(t)), 4) for t in (0, 999, 1999, 5000)]
+      [0.0005, 0.5, 1.0, 1.0]
+
+    References:
+      Ma & Yarats 2019, On the Adequacy of Untuned Warmup for Adaptive Optimization,
+      arXiv:1910.04209.
+    """
+    check_real("b2", b2, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_choice("shape", shape, _UNTUNED_SHAPES)
+
+    one_minus_b2 = _f32(1.0 - b2)  # in float64 first when b2 is a Python float
+
+    def schedule(step: ArrayLike) -> jax.Array:
+        n = jnp.maximum(_f32(step), 0.0) + 1.0
+        if shape == "linear":
+            return jnp.minimum(1.0, n * one_minus_b2 / 2.0)
+        return -jnp.expm1(-n * one_minus_b2)
+
+    return schedule
