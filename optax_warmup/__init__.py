@@ -7,6 +7,7 @@ Gaussian initializations, as pure functions and optax transformations.
 
 from optax_warmup import models
 from optax_warmup._initializers import gaussian_fc_init, he_conv_init, zero_gamma_init
+from optax_warmup._losses import smooth_labels, smoothed_cross_entropy
 from optax_warmup._recipes import goyal_sgd
 from optax_warmup._schedules import (
     goyal_schedule,
@@ -35,6 +36,8 @@ __all__ = [
     "masked_weight_decay",
     "models",
     "scale_by_warmup",
+    "smooth_labels",
+    "smoothed_cross_entropy",
     "untuned_warmup_schedule",
     "warmup_schedule",
     "zero_gamma_init",

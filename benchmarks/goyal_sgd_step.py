@@ -1,0 +1,246 @@
+"""What goyal_sgd costs in a train step: time, and the HLO operations of its schedule.
+
+Claim (issue 3): a jitted train step of a small CNN with BatchNorm takes no more than
+2% longer with ``ow.goyal_sgd`` (masked weight decay, gradual warmup, milestones)
+than with ``optax.sgd`` at a constant rate with the same momentum and no decay; and
+``ow.goyal_schedule`` compiles to fewer HLO operations than the same schedule built
+from ``optax.join_schedules`` and ``optax.piecewise_constant_schedule``.
+
+Run ``python benchmarks/goyal_sgd_step.py`` (``--quick`` for a smoke run). The model
+is a small ResNet from ``optax_warmup.models`` (a 3×3 stem and two stages of one
+BasicBlock, widths 16 and 32) on a CIFAR-sized batch of 128 × 32 × 32 × 3. Each step
+is timed alone (first call apart, median of repeats), and the time ratio is the median
+over back-to-back pairs of calls (goyal_sgd, sgd) in alternating order, which holds
+steady on a machine that other jobs load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, time_call, write_result
+
+import optax_warmup as ow
+
+BATCH_SIZE, STEPS_PER_EPOCH = 8192, 156  # Goyal et al.'s 8k ImageNet run
+
+
+def make_model(quick: bool) -> nnx.Module:
+    """A small 2-D ResNet with BatchNorm (ow.models), or a plain CNN without it."""
+    if hasattr(ow, "models") and hasattr(ow.models, "ResNet"):
+        return ow.models.ResNet(
+            (1, 1),
+            widths=(8, 16) if quick else (16, 32),
+            num_classes=10,
+            in_features=3,
+            small_input=True,
+            rngs=nnx.Rngs(0),
+        )
+    return _FallbackCNN(nnx.Rngs(0))
+
+
+class _FallbackCNN(nnx.Module):
+    """Conv-BN-ReLU twice and a dense head: used only when ow.models is missing."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(3, 16, (3, 3), use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(16, rngs=rngs)
+        self.conv2 = nnx.Conv(16, 32, (3, 3), strides=2, use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(32, rngs=rngs)
+        self.fc = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        x = jax.nn.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((1, 2)))
+
+
+def optax_goyal_schedule() -> optax.Schedule:
+    """Goyal's schedule from optax parts: join_schedules + piecewise_constant."""
+    peak = 0.1 * BATCH_SIZE / 256
+    warmup = 5 * STEPS_PER_EPOCH
+    decay = optax.piecewise_constant_schedule(
+        peak, {m * STEPS_PER_EPOCH - warmup: 0.1 for m in (30, 60, 80)}
+    )
+    return optax.join_schedules(
+        [optax.linear_schedule(0.1, peak, warmup), decay], [warmup]
+    )
+
+
+def optimizers() -> dict[str, optax.GradientTransformation]:
+    return {
+        "optax.sgd(constant)": optax.sgd(0.1, momentum=0.9),
+        "ow.goyal_sgd": ow.goyal_sgd(BATCH_SIZE, STEPS_PER_EPOCH),
+        "optax chain (join_schedules)": optax.chain(
+            optax.masked(optax.add_decayed_weights(1e-4), ow.decay_mask),
+            optax.inject_hyperparams(optax.sgd)(
+                learning_rate=optax_goyal_schedule(), momentum=0.9
+            ),
+        ),
+    }
+
+
+def make_step(graphdef: Any, tx: optax.GradientTransformation):
+    @jax.jit
+    def step(params, rest, opt_state, x, y):
+        model = nnx.merge(graphdef, params, rest)
+
+        def loss_fn(model):
+            logits = model(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        rest = nnx.state(model, nnx.Not(nnx.Param))
+        return optax.apply_updates(params, updates), rest, opt_state, loss
+
+    return step
+
+
+def paired_ratio(
+    base_fn: Any, base_args: tuple, fn: Any, args: tuple, pairs: int
+) -> dict[str, float]:
+    """Median over back-to-back pairs of (time of fn) / (time of base_fn).
+
+    Each pair runs both calls one after the other, in alternating order, so that a
+    slow spell of a loaded machine hits both sides of a pair alike; the median of
+    the pair ratios is far steadier than a ratio of two separate medians.
+    """
+    ratios, differences = [], []
+    for i in range(pairs):
+        order = [(base_fn, base_args), (fn, args)]
+        if i % 2:
+            order.reverse()
+        seconds = []
+        for f, a in order:
+            start = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            seconds.append(time.perf_counter() - start)
+        if i % 2:
+            seconds.reverse()
+        ratios.append(seconds[1] / seconds[0])
+        differences.append(seconds[1] - seconds[0])
+    return {
+        "ratio": statistics.median(ratios),
+        "difference_s": statistics.median(differences),
+    }
+
+
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+ = ", re.M)
+
+
+def hlo_ops(fn: Any, *args: Any) -> dict[str, int]:
+    """HLO instructions before (lowered) and after XLA's optimizations (compiled)."""
+    lowered = jax.jit(fn).lower(*args)
+    return {
+        "lowered": len(_INSTRUCTION.findall(lowered.as_text(dialect="hlo"))),
+        "compiled": len(_INSTRUCTION.findall(lowered.compile().as_text())),
+    }
+
+
+def main(quick: bool = False) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    model = make_model(quick)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    batch, side = (16, 8) if quick else (128, 32)  # CIFAR-sized batch
+    x = jax.random.normal(jax.random.key(1), (batch, side, side, 3))
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+    repeats, pairs = (5, 6) if quick else (20, 60)
+
+    steps, args = {}, {}
+    for name, tx in optimizers().items():
+        steps[name] = make_step(graphdef, tx)
+        args[name] = (params, rest, tx.init(params), x, y)
+
+    timings = {
+        name: time_call(step, *args[name], repeats=repeats)
+        for name, step in steps.items()
+    }
+    base = "optax.sgd(constant)"
+    paired = {
+        name: paired_ratio(steps[base], args[base], steps[name], args[name], pairs)
+        for name in steps
+    }
+
+    count = jnp.zeros([], jnp.int32)
+    schedule_ops = {
+        "ow.goyal_schedule": hlo_ops(
+            ow.goyal_schedule(BATCH_SIZE, STEPS_PER_EPOCH), count
+        ),
+        "optax join_schedules": hlo_ops(optax_goyal_schedule(), count),
+    }
+    step_ops = {
+        name: hlo_ops(step, *args[name])["compiled"] for name, step in steps.items()
+    }
+
+    result = {
+        "model": type(model).__name__,
+        "parameters": sum(p.size for p in jax.tree.leaves(params)),
+        "batch_shape": list(x.shape),
+        "repeats": repeats,
+        "pairs": pairs,
+        "quick": quick,
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+        "timings_s": timings,
+        "time_ratio_vs_sgd_constant": {n: r["ratio"] for n, r in paired.items()},
+        "overhead_vs_sgd_constant_ms": {
+            n: r["difference_s"] * 1e3 for n, r in paired.items()
+        },
+        "target_ratio": 1.02,
+        "schedule_hlo_ops": schedule_ops,
+        "train_step_hlo_ops_compiled": step_ops,
+        "train_step_hlo_ops_added_vs_sgd_constant": {
+            n: ops - step_ops["optax.sgd(constant)"] for n, ops in step_ops.items()
+        },
+    }
+    # A quick run must not overwrite the measured numbers that the README quotes.
+    write_result("goyal_sgd_step-quick" if quick else "goyal_sgd_step", result)
+    print_table(result)
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    env = environment()
+    print(
+        f"\n{result['model']} ({result['parameters']:,} parameters), batch "
+        f"{tuple(result['batch_shape'])}; {env['backend']} {env['device']} "
+        f"x{env['device_count']}, {env['cpu_count']} CPUs, jax {env['jax']}, "
+        f"optax {env['optax']}, flax {env['flax']}; load average "
+        f"{result['load_average_1min'][0]:.1f} → {result['load_average_1min'][1]:.1f}\n"
+    )
+    print(
+        "| train step | median (ms) | first call (s) | time ratio vs sgd(constant) "
+        "| extra time (ms) | HLO ops added |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, timing in result["timings_s"].items():
+        ratio = result["time_ratio_vs_sgd_constant"][name]
+        extra = result["overhead_vs_sgd_constant_ms"][name]
+        added = result["train_step_hlo_ops_added_vs_sgd_constant"][name]
+        print(
+            f"| {name} | {timing['median_s'] * 1e3:.2f} | "
+            f"{timing['first_call_s']:.2f} | {ratio:.3f} | {extra:.2f} | {added} |"
+        )
+    print("\n| schedule alone | HLO ops (lowered) | HLO ops (compiled) |")
+    print("|---|---:|---:|")
+    for name, ops in result["schedule_hlo_ops"].items():
+        print(f"| {name} | {ops['lowered']} | {ops['compiled']} |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run")
+    main(quick=parser.parse_args().quick)

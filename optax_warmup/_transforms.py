@@ -1,0 +1,231 @@
+"""Warmup as an optax transformation, and reading the learning rate back out of a state.
+
+``scale_by_warmup`` multiplies the updates by a warmup factor of the step, so any
+optimizer gets warmup by chaining it after; ``current_lr`` finds the learning rate
+that the most recent update used anywhere in a nested optax state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from optax_warmup._schedules import WarmupShape, warmup_schedule
+from optax_warmup._validation import check_real
+
+
+class ScaleByWarmupState(NamedTuple):
+    """State of ``scale_by_warmup``."""
+
+    count: jax.Array  # int32 scalar: the number of updates so far.
+    factor: jax.Array  # float32 scalar: the factor of the most recent update.
+
+
+def _cast_like(new: Any, old: Any) -> Any:
+    dtype = getattr(old, "dtype", None)
+    if dtype is None or getattr(new, "dtype", dtype) == dtype:
+        return new
+    return new.astype(dtype)
+
+
+def keep_update_dtype(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``inner`` so that each update leaves with the dtype it came in with.
+
+    A float32 learning rate or weight decay from a schedule promotes bf16 updates to
+    float32 (``optax.inject_hyperparams`` does); this casts them back after the
+    float32 arithmetic. The state is ``inner``'s, unchanged, and a float32 update is
+    returned as it is.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        new_updates, new_state = inner.update(updates, state, params, **extra_args)
+        return jax.tree.map(_cast_like, new_updates, updates), new_state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def scale_by_warmup(
+    warmup_steps: int | optax.Schedule,
+    *,
+    shape: WarmupShape = "linear",
+    init_value: float = 0.0,
+) -> optax.GradientTransformation:
+    """Multiplies the updates by a warmup factor that rises from ``init_value`` to 1.
+
+    With ``t`` the number of updates so far and ``W = warmup_steps``, the update
+    ``u`` becomes ``f(t) · u`` where, for the linear shape,
+
+    ``f(t) = init_value + (1 - init_value) · t / W`` for ``t < W``, ``f(t) = 1``
+    after,
+
+    that is ``warmup_schedule(1.0, W, shape=shape, init_value=init_value)`` (also
+    ``"constant"``, ``"exponential"`` and ``"cosine"``). Chained after any
+    optimizer it gives that optimizer a warmup::
+
+      optax.chain(optax.adam(1e-3), ow.scale_by_warmup(1000))
+
+    ``warmup_steps`` may instead be a factor schedule ``step -> f``, such as Ma &
+    Yarats' ``ow.untuned_warmup_schedule(b2)``. Updates keep their dtype (bf16 in,
+    bf16 out; the product is taken in float32 and cast back). The state holds an
+    int32 count advanced with ``optax.safe_increment`` (it saturates rather than
+    wraps) and the factor the most recent update used, which ``current_lr``
+    multiplies in.
+
+    Edge cases: the first update uses ``f(0) = init_value`` (0 by default: the first
+    update is zero, as in Goyal et al.'s warmup from 0); the update of count ``W``
+    is the first at factor 1; ``warmup_steps=0`` gives factor 1 from the start.
+    Under ``optax.MultiSteps`` the count is of optimizer updates, not micro-batches.
+
+    Args:
+      warmup_steps: W, an integer >= 0, or a schedule ``step -> factor``.
+      shape: ``"linear"``, ``"constant"``, ``"exponential"`` or ``"cosine"``.
+      init_value: the factor at step 0, in [0, 1] (> 0 for ``"exponential"``).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state ``ScaleByWarmupState``.
+
+    Raises:
+      ValueError: ``warmup_steps`` is negative or not an integer, ``shape`` is not
+        one of the four, ``init_value`` is outside [0, 1], or ``shape`` or
+        ``init_value`` is given together with a schedule.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_warmup as ow
+      >>> tx = optax.chain(optax.sgd(1.0), ow.scale_by_warmup(4))
+      >>> params = {"w": jnp.zeros(())}
+      >>> state = tx.init(params)
+      >>> steps = []
+      >>> for _ in range(6):
+      ...     updates, state = tx.update({"w": jnp.ones(())}, state)
+      ...     steps.append(float(updates["w"]))
+      >>> steps
+      [-0.0, -0.25, -0.5, -0.75, -1.0, -1.0]
+
+    References:
+      Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
+      arXiv:1706.02677, section 2.2; Ma & Yarats 2019, On the Adequacy of Untuned
+      Warmup for Adaptive Optimization, arXiv:1910.04209.
+    """
+    if callable(warmup_steps):
+        if shape != "linear" or init_value != 0.0:
+            raise ValueError(
+                "shape and init_value describe a warmup of warmup_steps steps; with a "
+                f"schedule as warmup_steps leave them out (got shape={shape!r}, "
+                f"init_value={init_value!r})"
+            )
+        factor_fn = warmup_steps
+    else:
+        check_real("init_value", init_value, low=0.0, high=1.0)
+        factor_fn = warmup_schedule(
+            1.0, warmup_steps, init_value=init_value, shape=shape
+        )
+
+    def factor_of(count: jax.Array) -> jax.Array:
+        return jnp.asarray(factor_fn(count), jnp.float32)
+
+    def init_fn(params: optax.Params) -> ScaleByWarmupState:
+        del params
+        count = jnp.zeros([], jnp.int32)
+        return ScaleByWarmupState(count=count, factor=factor_of(count))
+
+    def update_fn(updates, state, params=None):
+        del params
+        factor = factor_of(state.count)
+        updates = jax.tree.map(lambda u: _cast_like(u * factor, u), updates)
+        count = optax.safe_increment(state.count)
+        return updates, ScaleByWarmupState(count=count, factor=factor)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _key_name(key: Any) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
+def _unwrap(x: Any) -> Any:
+    return x.get_value() if isinstance(x, nnx.Variable) else x
+
+
+def current_lr(opt_state: Any) -> jax.Array:
+    """The learning rate that the most recent update used, read from the state.
+
+    Looks through any nesting of optax states (``optax.chain``, ``optax.MultiSteps``,
+    ``optax.masked``, the ``opt_state`` of ``nnx.Optimizer`` with its
+    ``OptArray`` wrappers, a ``TrainState`` or an ``nnx.Optimizer`` itself) for the
+    ``learning_rate`` that ``optax.inject_hyperparams`` stores, and multiplies in
+    the factor of each ``scale_by_warmup`` found. ``optax.tree.get(state,
+    "learning_rate")`` raises "Found multiple values" on such a state, since the
+    schedule's own state is also keyed ``learning_rate``; this reads only the
+    injected value.
+
+    Edge cases: right after ``init`` it is the rate the first update will use; under
+    ``optax.MultiSteps`` it changes only on the micro-batch that applies an update.
+    It works under ``jit`` (it returns the traced value).
+
+    Args:
+      opt_state: an optax state, or an object with an ``opt_state`` attribute.
+
+    Returns:
+      The learning rate, a scalar array (float32 for ``goyal_sgd``).
+
+    Raises:
+      ValueError: the state holds no injected learning rate (build the optimizer
+        with ``optax.inject_hyperparams``, as ``goyal_sgd`` does), or more than one
+        (the message lists where; pass the sub-state you mean).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_warmup as ow
+      >>> tx = ow.goyal_sgd(batch_size=1024, steps_per_epoch=10, warmup_epochs=1,
+      ...                   milestones=(2,))
+      >>> params = {"w": jnp.ones((2, 2))}
+      >>> state = tx.init(params)
+      >>> for _ in range(5):
+      ...     _, state = tx.update({"w": jnp.zeros((2, 2))}, state, params)
+      >>> round(float(ow.current_lr(state)), 4)  # 0.1 + (0.4 - 0.1) * 4 / 10
+      0.22
+
+    References:
+      Goyal et al. 2017, arXiv:1706.02677, section 2.2.
+    """
+    if not isinstance(opt_state, tuple) and hasattr(opt_state, "opt_state"):
+        opt_state = opt_state.opt_state
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        opt_state,
+        is_leaf=lambda x: isinstance(x, ScaleByWarmupState | nnx.Variable),
+    )
+    rates, factors = [], []
+    for path, leaf in flat:
+        if isinstance(leaf, ScaleByWarmupState):
+            factors.append(_unwrap(leaf.factor))
+            continue
+        names = [_key_name(key) for key in path]
+        if names[-2:] == ["hyperparams", "learning_rate"]:
+            rates.append((jax.tree_util.keystr(path), _unwrap(leaf)))
+    if not rates:
+        raise ValueError(
+            "current_lr found no learning rate in opt_state: build the optimizer "
+            "with optax.inject_hyperparams(...)(learning_rate=...) (goyal_sgd "
+            "does) so that the rate is kept in the state"
+        )
+    if len(rates) > 1:
+        where = ", ".join(path for path, _ in rates)
+        raise ValueError(
+            f"current_lr found {len(rates)} learning rates in opt_state, at {where}; "
+            "pass the sub-state of the one you mean"
+        )
+    lr = jnp.asarray(rates[0][1])
+    for factor in factors:
+        lr = lr * jnp.asarray(factor, lr.dtype)
+    return lr
