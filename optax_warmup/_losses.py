@@ -258,10 +258,11 @@ def _smoothed_cross_entropy(
     return _probability_loss(z, labels.astype(compute), a, mask)
 
 
-# XLA:CPU (jax 0.10) sums exp(z - max) over rows longer than 32768 about four times
-# slower per element than over shorter rows; the same sum over the row cut into
-# pieces of at most 32768, as a 2-D (rows · pieces, K / pieces) array, runs at full
-# speed (measured at K = 128256). Other backends get the plain row sum.
+# XLA:CPU (jax 0.10) computes exp(z - max) about four times slower per element on
+# rows longer than 32768 than on shorter rows; the same elements laid out as a 2-D
+# (rows · pieces, K / pieces) array run at full speed (measured at K = 128256, for
+# optax's integer-label loss too). The reshape is free (a bitcast). Other backends
+# get the plain rows.
 _CPU_ROW_LIMIT = 32768
 
 
@@ -275,25 +276,29 @@ def _row_pieces(num_classes: int) -> int:
     return 1  # no divisor leaves pieces of at least 1024 classes: do not cut
 
 
-def _row_sum(x: jax.Array) -> jax.Array:
-    """x.sum(axis=-1), cut into row pieces on CPU (see _CPU_ROW_LIMIT)."""
-    pieces = _row_pieces(x.shape[-1])
-    if pieces == 1:
-        return jnp.sum(x, axis=-1)
-    partial = jnp.sum(x.reshape(-1, x.shape[-1] // pieces), axis=-1)
-    return jnp.sum(partial.reshape(*x.shape[:-1], pieces), axis=-1)
-
-
 def _row_max(z: jax.Array) -> jax.Array:
     """The row maximum as a shift for exp: 0 where it is not finite."""
     row_max = jax.lax.stop_gradient(jnp.max(z, axis=-1))
     return jnp.where(jnp.isfinite(row_max), row_max, 0)
 
 
+def _sum_exp_shifted(z: jax.Array, row_max: jax.Array) -> jax.Array:
+    """Σ_k exp(z_k - row_max) over the last axis, in row pieces on CPU."""
+    num_classes = z.shape[-1]
+    pieces = _row_pieces(num_classes)
+    if pieces == 1:
+        return jnp.sum(jnp.exp(z - row_max[..., None]), axis=-1)
+    flat_max = row_max.reshape(-1, 1)
+    shift = jnp.broadcast_to(flat_max, (flat_max.shape[0], pieces)).reshape(-1, 1)
+    exp_pieces = jnp.exp(z.reshape(-1, num_classes // pieces) - shift)
+    sums = jnp.sum(exp_pieces, axis=-1).reshape(*z.shape[:-1], pieces)
+    return jnp.sum(sums, axis=-1)
+
+
 def _logsumexp(z: jax.Array) -> jax.Array:
     """logsumexp over the last axis, shifted by the row maximum."""
     row_max = _row_max(z)
-    return jnp.log(_row_sum(jnp.exp(z - row_max[..., None]))) + row_max
+    return jnp.log(_sum_exp_shifted(z, row_max)) + row_max
 
 
 def _mix(target_term: jax.Array, uniform_term: jax.Array, a: jax.Array) -> jax.Array:
@@ -347,8 +352,10 @@ def _integer_label_loss_jvp(primals, tangents):
     z, labels, a, mask = primals
     dz, _, da, _ = tangents
     row_max = _row_max(z)
+    # Not cut into row pieces: under grad XLA keeps exp_shifted in the gradient's
+    # buffer and computes it in a plain elementwise pass, which is fast at any K.
     exp_shifted = jnp.exp(z - row_max[..., None])
-    sum_exp = _row_sum(exp_shifted)
+    sum_exp = jnp.sum(exp_shifted, axis=-1)
     lse = jnp.log(sum_exp) + row_max
     loss, target_term, uniform_term, keep = _integer_label_terms(
         z, labels, a, mask, lse
