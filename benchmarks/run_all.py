@@ -51,7 +51,7 @@ def discover(directory: Path = HERE) -> list[Path]:
 def summary_line(path: Path) -> str:
     """The first line of a script's module docstring (what it compares)."""
     doc = ast.get_docstring(ast.parse(path.read_text()))
-    return doc.strip().splitlines()[0] if doc else ""
+    return doc.strip().splitlines()[0].replace("``", "`") if doc else ""
 
 
 def markdown_tables(text: str) -> list[str]:

@@ -41,12 +41,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import optax_warmup as ow
 from optax_warmup import _mnist1d
 
-# name -> (batch: "small" or "large", warmup of ow.goyal_sgd, label)
+# name -> (batch: "small" or "large", warmup of ow.goyal_sgd, row of the table)
 CONFIGS = {
-    "reference": ("small", "none", "small batch n, η"),
-    "no_warmup": ("large", "none", "kn, kη, no warmup"),
-    "constant_warmup": ("large", "constant", "kn, kη, constant warmup"),
-    "gradual_warmup": ("large", "gradual", "kn, kη, gradual warmup"),
+    "reference": ("small", "none", "small batch n (reference)"),
+    "no_warmup": ("large", "none", "kn, no warmup"),
+    "constant_warmup": ("large", "constant", "kn, constant warmup"),
+    "gradual_warmup": ("large", "gradual", "kn, gradual warmup"),
 }
 ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 FINAL_EPOCHS = 5  # Goyal: a run's error is the median of its last 5 epochs
@@ -58,14 +58,14 @@ class Experiment:
 
     small_batch: int = 32
     large_batch: int = 1024
-    lr: float = 0.05
+    lr: float = 0.1
     epochs: int = 30
     warmup_epochs: float = 5.0
     milestones: tuple[float, ...] = (10.0, 20.0, 27.0)
     weight_decay: float = 1e-4
     momentum: float = 0.9
     label_smoothing: float = 0.1
-    widths: tuple[int, ...] = (16, 32, 64)
+    widths: tuple[int, ...] = (8, 16, 32)
 
     def __post_init__(self):  # lists (from JSON, say) become tuples: hashable
         object.__setattr__(self, "milestones", tuple(map(float, self.milestones)))

@@ -4,8 +4,9 @@ A small batch n with learning rate η against a large batch kn with the linearly
 scaled rate kη and no, constant or gradual warmup (Goyal et al. 2017, Table 2a and
 Figures 2-3); the same epochs for all, ×0.1 decays at the same epochs; ``ow.goyal_sgd``
 with masked weight decay, ``ow.smoothed_cross_entropy``, a zero-γ
-``ow.models.SmallResNet1D`` with ghost BatchNorm over groups of n. The runs are in
-``optax_warmup._warmup_experiment``; this module is the command line and the report.
+``ow.models.SmallResNet1D`` with ghost BatchNorm over groups of n. This module is the
+command line; the runs are in ``_warmup_experiment``, the data in ``_mnist1d`` and
+the table and figures in ``_demo_report``.
 
 Outputs in ``--out`` (default ``./optax_warmup_demo/``): ``results.json`` (settings,
 every run's per-epoch curves, the summary and the published anchors), ``table.md``
@@ -32,155 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 
 from optax_warmup import _mnist1d
+from optax_warmup._demo_report import ANCHORS, markdown_table, plot, summarize
 from optax_warmup._warmup_experiment import (
     CONFIGS,
     Experiment,
     default_milestones,
-    mean_std,
     run_all,
 )
-
-# --- report -------------------------------------------------------------------
-
-ANCHORS = {
-    "goyal_2017_table_2a": {
-        "what": "ResNet-50 on ImageNet, top-1 error %, mean ± std of 5 runs",
-        "reference (kn=256, η=0.1)": "23.60 ± 0.12",
-        "no warmup (kn=8k, η=3.2)": "24.84 ± 0.37",
-        "constant warmup (kn=8k)": "25.88 ± 0.56",
-        "gradual warmup (kn=8k)": "23.74 ± 0.09",
-    },
-    "mnist1d_paper_cnn_test_accuracy_percent": 94,
-}
-
-
-def summarize(results: Sequence[dict[str, Any]], exp: Experiment) -> dict[str, Any]:
-    """Per configuration: final test error mean ± std over seeds, and the gap."""
-    summary: dict[str, Any] = {}
-    for config, (_, warmup, label) in CONFIGS.items():
-        runs = [r for r in results if r["config"] == config]
-        if not runs:
-            continue
-        errors = [r["final_test_error"] for r in runs]
-        mean, std = mean_std(errors)
-        train_mean, train_std = mean_std([r["final_train_error"] for r in runs])
-        summary[config] = {
-            "label": label,
-            "batch_size": exp.batch_size(config),
-            "peak_lr": exp.lr * exp.batch_size(config) / exp.small_batch,
-            "warmup": warmup,
-            "test_error_mean": mean,
-            "test_error_std": std,
-            "test_errors": errors,
-            "train_error_mean": train_mean,
-            "train_error_std": train_std,
-            "diverged_runs": sum(r["diverged"] for r in runs),
-        }
-    if "reference" in summary:
-        ref = summary["reference"]
-        for s in summary.values():
-            n1, n2 = len(s["test_errors"]), len(ref["test_errors"])
-            s["gap_vs_reference"] = s["test_error_mean"] - ref["test_error_mean"]
-            s["gap_standard_error"] = float(
-                np.sqrt(s["test_error_std"] ** 2 / n1 + ref["test_error_std"] ** 2 / n2)
-            )
-    return summary
-
-
-def markdown_table(summary: dict[str, Any]) -> str:
-    """Goyal's Table 2a layout: one row per configuration, errors in percent."""
-    lines = [
-        "| configuration | batch | peak η | test error (%) | Δ vs reference (pp) "
-        "| train error (%) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for config, s in summary.items():
-        gap = "–"
-        if config != "reference" and "gap_vs_reference" in s:
-            gap = (
-                f"{100 * s['gap_vs_reference']:+.2f} ± "
-                f"{100 * s['gap_standard_error']:.2f}"
-            )
-        diverged = f" ({s['diverged_runs']} diverged)" if s["diverged_runs"] else ""
-        lines.append(
-            f"| {s['label']}{diverged} | {s['batch_size']} | {s['peak_lr']:.4g} "
-            f"| {100 * s['test_error_mean']:.2f} ± {100 * s['test_error_std']:.2f} "
-            f"| {gap} | {100 * s['train_error_mean']:.2f} ± "
-            f"{100 * s['train_error_std']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(results, exp: Experiment, n_train: int, out: Path) -> list[Path]:
-    """training_error.png (Goyal's Figure 2 layout) and lr_schedules.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = np.arange(1, exp.epochs + 1)
-    colors = {
-        "reference": "k",
-        "no_warmup": "C3",
-        "constant_warmup": "C1",
-        "gradual_warmup": "C0",
-    }
-
-    def curves(config: str) -> np.ndarray:
-        rows = [
-            r["train_error"] + [np.nan] * (exp.epochs - len(r["train_error"]))
-            for r in results
-            if r["config"] == config
-        ]
-        return 100 * np.asarray(rows, np.float64)
-
-    large = [c for c in CONFIGS if c != "reference"]
-    fig, axes = plt.subplots(1, len(large), figsize=(5 * len(large), 4), sharey=True)
-    for ax, config in zip(np.atleast_1d(axes), large, strict=True):
-        for name in ("reference", config):
-            c = curves(name)
-            if not c.size:
-                continue
-            ax.plot(
-                epochs, np.nanmean(c, 0), color=colors[name], label=CONFIGS[name][2]
-            )
-            ax.fill_between(
-                epochs,
-                np.nanmin(c, 0),
-                np.nanmax(c, 0),
-                color=colors[name],
-                alpha=0.2,
-                linewidth=0,
-            )
-        for m in exp.milestones:
-            ax.axvline(m, color="0.8", linestyle=":", zorder=0)
-        ax.set(yscale="log", xlabel="epoch", title=CONFIGS[config][2])
-        ax.legend(loc="upper right", fontsize=8)
-    np.atleast_1d(axes)[0].set_ylabel("training error (%), mean and min–max of seeds")
-    fig.tight_layout()
-    paths = [out / "training_error.png", out / "lr_schedules.png"]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for config in CONFIGS:
-        spe = n_train // exp.batch_size(config)
-        steps = np.arange(exp.epochs * spe)
-        lr = np.asarray(jax.vmap(exp.schedule(config, spe))(steps))
-        ax.plot(steps / spe, lr, color=colors[config], label=CONFIGS[config][2])
-    ax.set(yscale="log", xlabel="epoch", ylabel="learning rate (ow.goyal_schedule)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
-    return paths
-
-
-# --- command line -------------------------------------------------------------
 
 QUICK = dict(
     samples=4000,
@@ -189,7 +51,6 @@ QUICK = dict(
     milestones="2,3",
     seeds=1,
     large_batch=256,
-    widths="8,16,32",
 )
 
 
@@ -201,6 +62,15 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None or False (the help says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m optax_warmup.demo",
@@ -208,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
         "small batch n with rate η against a large batch kn with the linearly scaled "
         "rate kη and no, constant or gradual warmup; same epochs, ×0.1 decays at the "
         "same epochs. Writes results.json, table.md and two PNGs to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     a = p.add_argument
     a(
@@ -231,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     a("--seeds", type=int, default=3, help="seeds per configuration (0, 1, ...)")
     a("--weight-decay", type=float, default=1e-4, help="L2 on conv/dense kernels")
     a("--label-smoothing", type=float, default=0.1, help="α of the cross-entropy")
-    a("--widths", type=str, default="16,32,64", help="SmallResNet1D stage widths")
+    a("--widths", type=str, default="8,16,32", help="SmallResNet1D stage widths")
     a(
         "--samples",
         type=int,
@@ -243,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=Path,
         default=None,
-        help="dataset cache (default $OPTAX_WARMUP_CACHE, $XDG_CACHE_HOME/optax_warmup "
+        help="the dataset and JAX compilation cache (default $OPTAX_WARMUP_CACHE, "
+        "$XDG_CACHE_HOME/optax_warmup "
         "or ~/.cache/optax_warmup)",
     )
     a(
@@ -260,6 +131,13 @@ def parser() -> argparse.ArgumentParser:
         + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
     )
     a("--no-progress", action="store_true", help="no progress bar")
+    a(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="redraw table.md and the figures from DIR/results.json (no training)",
+    )
     return p
 
 
@@ -269,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.quick:
         p.set_defaults(**QUICK)
         args = p.parse_args(argv)
+    if args.replot is not None:
+        return replot(args.replot)
     milestones = (
         _floats(args.milestones) if args.milestones else default_milestones(args.epochs)
     )
@@ -365,6 +245,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         + ", ".join(str(f) for f in figures)
         + f" in {report['wall_seconds']:.0f} s"
     )
+    return report
+
+
+def replot(directory: Path) -> dict[str, Any]:
+    """Redraws ``table.md`` and the figures of a finished run from its JSON."""
+    report = json.loads((directory / "results.json").read_text())
+    exp = Experiment(**report["experiment"])
+    table = markdown_table(summarize(report["runs"], exp))
+    (directory / "table.md").write_text(table)
+    figures = plot(report["runs"], exp, report["dataset"]["train"], directory)
+    print(table)
+    print(f"wrote {directory / 'table.md'}, " + ", ".join(map(str, figures)))
     return report
 
 

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 import optax_warmup as ow
-from optax_warmup import _mnist1d, demo
+from optax_warmup import _demo_report, _mnist1d, demo
 from optax_warmup import _warmup_experiment as experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +108,18 @@ def test_quick_run_used_the_schedules_it_plots(quick_run):
         assert max(run["lr"]) == pytest.approx(k * e["lr"], rel=1e-6)
 
 
+def test_replot_redraws_table_and_figures_from_the_json(quick_run, tmp_path):
+    out, _, _ = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for name in ("table.md", "training_error.png", "lr_schedules.png"):
+        (copy / name).unlink()
+    demo.main(["--replot", str(copy)])
+    assert (copy / "table.md").read_text() == (out / "table.md").read_text()
+    for name in ("training_error.png", "lr_schedules.png"):
+        assert (copy / name).read_bytes().startswith(PNG_MAGIC)
+
+
 def test_quick_run_cached_the_dataset(quick_run):
     _, cache, stdout = quick_run
     assert "(generated)" in stdout
@@ -190,9 +203,9 @@ def test_bad_num_samples_raise(bad, tmp_path):
 
 
 def test_default_milestones_scale_goyals():
-    assert demo.default_milestones(90) == (30.0, 60.0, 80.0)
-    assert demo.default_milestones(30) == (10.0, 20.0, 27.0)
-    assert demo.default_milestones(45) == (15.0, 30.0, 40.0)
+    assert experiment.default_milestones(90) == (30.0, 60.0, 80.0)
+    assert experiment.default_milestones(30) == (10.0, 20.0, 27.0)
+    assert experiment.default_milestones(45) == (15.0, 30.0, 40.0)
 
 
 def test_final_error_is_the_median_of_the_last_five_epochs():
@@ -223,7 +236,7 @@ def test_summary_and_table():
             "gradual_warmup": [0.11, 0.12, 0.13],
         }
     )
-    summary = demo.summarize(runs, exp)
+    summary = _demo_report.summarize(runs, exp)
     ref, gradual = summary["reference"], summary["gradual_warmup"]
     assert ref["test_error_mean"] == pytest.approx(0.12)
     assert ref["test_error_std"] == pytest.approx(0.02)  # ddof=1
@@ -236,7 +249,7 @@ def test_summary_and_table():
     )
     assert summary["no_warmup"]["diverged_runs"] == 1
 
-    table = demo.markdown_table(summary).splitlines()
+    table = _demo_report.markdown_table(summary).splitlines()
     assert len(table) == 2 + 4
     assert "| 12.00 ± 2.00 |" in table[2]
     assert "(1 diverged)" in table[3]
