@@ -8,12 +8,12 @@ import textwrap
 from pathlib import Path
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _nets import LinenNet, NnxNet
 from flax import nnx
 from flax.training import train_state
 
@@ -45,24 +45,6 @@ def optax_schedule(warmup):
     )
     after = optax.piecewise_constant_schedule(PEAK, {14 - W: 0.1, 18 - W: 0.1})
     return optax.join_schedules([first, after], [W])
-
-
-class LinenNet(nn.Module):
-    @nn.compact
-    def __call__(self, x, train=True):
-        x = nn.Conv(4, (3, 3))(x)
-        x = nn.BatchNorm(use_running_average=not train)(x)
-        return nn.Dense(3)(nn.relu(x).mean((1, 2)))
-
-
-class NnxNet(nnx.Module):
-    def __init__(self, rngs, dtype=jnp.float32):
-        self.conv = nnx.Conv(1, 4, (3, 3), param_dtype=dtype, rngs=rngs)
-        self.bn = nnx.BatchNorm(4, param_dtype=dtype, rngs=rngs)
-        self.fc = nnx.Linear(4, 3, param_dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.fc(nnx.relu(self.bn(self.conv(x))).mean((1, 2)))
 
 
 X = jnp.linspace(-1.0, 1.0, 2 * 5 * 5).reshape(2, 5, 5, 1)
@@ -194,16 +176,18 @@ def test_nnx_optimizer_zero_grads_shrink_kernels_only():
     for t, factor in enumerate(shrink_factors(12)):
         before = nnx.clone(model)
         zero_step(model, opt)
-        for layer in ("conv", "fc"):
+        for layer in ("Conv_0", "Dense_0"):
             old, new = getattr(before, layer), getattr(model, layer)
             np.testing.assert_allclose(
                 new.kernel[...], old.kernel[...] * factor, rtol=1e-6
             )
             np.testing.assert_array_equal(new.bias[...], old.bias[...])
         for name in ("scale", "bias", "mean", "var"):
-            np.testing.assert_array_equal(
-                getattr(model.bn, name)[...], getattr(before.bn, name)[...]
+            now, then = (
+                getattr(model.BatchNorm_0, name),
+                getattr(before.BatchNorm_0, name),
             )
+            np.testing.assert_array_equal(now[...], then[...])
         np.testing.assert_allclose(ow.current_lr(opt), reference_lr(t), rtol=1e-6)
     assert opt.step[...].dtype == jnp.uint32 and int(opt.step[...]) == 12
 
@@ -303,7 +287,7 @@ def test_nnx_bf16_model_updates_stay_bf16():
 
     updates = train_step(model, opt)
     assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(jnp.bfloat16)}
-    assert model.conv.kernel[...].dtype == jnp.bfloat16
+    assert model.Conv_0.kernel[...].dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("momentum", [1.0, -0.1, float("nan"), 1.5])

@@ -3,12 +3,12 @@
 import functools
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _nets import LinenNet, NnxNet
 from flax import nnx
 from flax.core import freeze
 from hypothesis import given, settings
@@ -25,27 +25,6 @@ EXPECTED = {
     "Dense_0/bias": False,
     "Dense_0/kernel": True,
 }
-
-
-class LinenNet(nn.Module):
-    @nn.compact
-    def __call__(self, x, train=True):
-        x = nn.Conv(4, (3, 3))(x)
-        x = nn.BatchNorm(use_running_average=not train)(x)
-        return nn.Dense(3)(nn.relu(x).mean((1, 2)))
-
-
-class NnxNet(nnx.Module):
-    """The same network in nnx, with linen's names so that the paths agree."""
-
-    def __init__(self, rngs, dtype=jnp.float32):
-        self.Conv_0 = nnx.Conv(1, 4, (3, 3), param_dtype=dtype, rngs=rngs)
-        self.BatchNorm_0 = nnx.BatchNorm(4, param_dtype=dtype, rngs=rngs)
-        self.Dense_0 = nnx.Linear(4, 3, param_dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        x = nnx.relu(self.BatchNorm_0(self.Conv_0(x)))
-        return self.Dense_0(x.mean((1, 2)))
 
 
 X = jnp.ones((2, 5, 5, 1))
