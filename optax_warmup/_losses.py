@@ -15,8 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-__all__ = ["smooth_labels", "smoothed_cross_entropy"]
-
 
 def _check_alpha(alpha: ArrayLike, batch_shape: tuple[int, ...], batch: str) -> None:
     """Raises unless ``alpha`` broadcasts to ``batch_shape`` and lies in [0, 1].
