@@ -12,9 +12,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from optax_warmup._schedules import WarmupShape, warmup_schedule
+from optax_warmup._tree_paths import flatten, unwrap
 from optax_warmup._validation import check_real
 
 
@@ -146,17 +146,6 @@ def scale_by_warmup(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _key_name(key: Any) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return key
-
-
-def _unwrap(x: Any) -> Any:
-    return x.get_value() if isinstance(x, nnx.Variable) else x
-
-
 def current_lr(opt_state: Any) -> jax.Array:
     """The learning rate that the most recent update used, read from the state.
 
@@ -201,18 +190,13 @@ def current_lr(opt_state: Any) -> jax.Array:
     """
     if not isinstance(opt_state, tuple) and hasattr(opt_state, "opt_state"):
         opt_state = opt_state.opt_state
-    flat, _ = jax.tree_util.tree_flatten_with_path(
-        opt_state,
-        is_leaf=lambda x: isinstance(x, ScaleByWarmupState | nnx.Variable),
-    )
+    leaves, _ = flatten(opt_state, is_leaf=lambda x: isinstance(x, ScaleByWarmupState))
     rates, factors = [], []
-    for path, leaf in flat:
+    for path, leaf in leaves:
         if isinstance(leaf, ScaleByWarmupState):
-            factors.append(_unwrap(leaf.factor))
-            continue
-        names = [_key_name(key) for key in path]
-        if names[-2:] == ["hyperparams", "learning_rate"]:
-            rates.append((jax.tree_util.keystr(path), _unwrap(leaf)))
+            factors.append(unwrap(leaf.factor))
+        elif path.split("/")[-2:] == ["hyperparams", "learning_rate"]:
+            rates.append((path, leaf))
     if not rates:
         raise ValueError(
             "current_lr found no learning rate in opt_state: build the optimizer "

@@ -17,58 +17,12 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from flax import nnx
-from flax.core import meta
 
 from optax_warmup._transforms import keep_update_dtype
+from optax_warmup._tree_paths import flatten
 from optax_warmup._validation import check_real, is_traced
 
 MaskOrFn = Any | Callable[[optax.Params], Any]
-
-# Attribute names through which a wrapper (nnx.Variable, linen's boxes) exposes its
-# array: a path ending in one of them names the same parameter without it.
-_WRAPPER_ATTRS = ("value", "raw_value")
-
-
-def _is_wrapped(x: Any) -> bool:
-    return isinstance(x, nnx.Variable | meta.AxisMetadata)
-
-
-def _unwrap(x: Any) -> Any:
-    if isinstance(x, nnx.Variable):
-        return x.get_value()
-    if isinstance(x, meta.AxisMetadata):
-        return x.unbox()
-    return x
-
-
-def _key_str(key: Any) -> str:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
-def _path_str(path: tuple[Any, ...]) -> str:
-    keys = list(path)
-    while (
-        keys
-        and isinstance(keys[-1], jax.tree_util.GetAttrKey)
-        and keys[-1].name in _WRAPPER_ATTRS
-    ):
-        keys.pop()
-    return "/".join(_key_str(k) for k in keys)
-
-
-def _flatten(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
-    """Leaves as ('/'-joined path, unwrapped value), and the tree definition."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_wrapped)
-    return [(_path_str(p), _unwrap(x)) for p, x in leaves], treedef
 
 
 def _ndim(x: Any) -> int:
@@ -159,7 +113,7 @@ def decay_mask(
     """  # noqa: E501
     exclude_res = _compile("exclude", exclude)
     include_res = _compile("include", include)
-    leaves, treedef = _flatten(params)
+    leaves, treedef = flatten(params)
     paths = [path for path, _ in leaves]
     for name, regexes in (("exclude", exclude_res), ("include", include_res)):
         for regex in regexes:
@@ -213,11 +167,11 @@ def resolve_mask(mask: MaskOrFn | None, params: optax.Params) -> Any:
       ValueError: the mask and ``params`` differ in structure (the message names the
         first path that differs), or a mask entry is not a static bool.
     """
-    leaves, treedef = _flatten(params)
+    leaves, treedef = flatten(params)
     if mask is None:
         return jax.tree_util.tree_unflatten(treedef, [True] * len(leaves))
     tree = mask(params) if callable(mask) else mask
-    entries = [(path, _as_bool(path, value)) for path, value in _flatten(tree)[0]]
+    entries = [(path, _as_bool(path, value)) for path, value in flatten(tree)[0]]
     values = []
     for path, _ in leaves:
         found = [value for mask_path, value in entries if _covers(mask_path, path)]
@@ -276,8 +230,8 @@ def decay_report(params: optax.Params, mask: MaskOrFn | None = None) -> str:
       arXiv:1812.01187, section 3.1.
     """
     resolved = resolve_mask(decay_mask if mask is None else mask, params)
-    leaves, _ = _flatten(params)
-    flags = [flag for _, flag in _flatten(resolved)[0]]
+    leaves, _ = flatten(params)
+    flags = [flag for _, flag in flatten(resolved)[0]]
     rows = [("path", "shape", "dtype", "decayed")]
     counts = {True: [0, 0], False: [0, 0]}
     for (path, leaf), flag in zip(leaves, flags, strict=True):
