@@ -147,16 +147,30 @@ def warmup_schedule(
         check_real("init_value", init_value, low=0.0, low_open=True)
     else:
         check_real("init_value", init_value, low=0.0)
-    after_fn = _as_schedule(after)
+    return _warmup(_as_schedule(after), warmup_steps, init_value, shape, time)
+
+
+def _warmup(
+    after_fn: optax.Schedule,
+    warmup_steps: ArrayLike,
+    init_value: ArrayLike,
+    shape: str,
+    time: str,
+    peak: ArrayLike | None = None,
+) -> optax.Schedule:
+    """``warmup_schedule`` without the checks; ``peak`` defaults to the hand-off."""
 
     def schedule(step: ArrayLike) -> jax.Array:
         t = jnp.maximum(_f32(step), 0.0)
         w = _f32(warmup_steps)
         init = _f32(init_value)
-        # 1) warmup: t < W rises from init to the value at the hand-off.
-        peak = _f32(after_fn(0) if time == "relative" else after_fn(w))
+        # 1) warmup: t < W rises from init to the peak, the value at the hand-off.
+        if peak is not None:
+            top = _f32(peak)
+        else:
+            top = _f32(after_fn(0) if time == "relative" else after_fn(w))
         frac = jnp.clip(t / jnp.maximum(w, 1.0), 0.0, 1.0)
-        warm = _ramp(shape, init, peak, frac)
+        warm = _ramp(shape, init, top, frac)
         # 2) after: t >= W; the argument is clamped so after never sees t < 0.
         after_step = jnp.maximum(t - w, 0.0) if time == "relative" else t
         return jnp.where(t < w, warm, _f32(after_fn(after_step)))
@@ -210,17 +224,8 @@ def gradual_warmup_schedule(
     check_int("warmup_steps", warmup_steps)
     peak = _f32(base_lr) * _f32(multiplier)
     init = jnp.where(_f32(multiplier) == 1.0, 0.0, _f32(base_lr))
-    warm = warmup_schedule(peak, warmup_steps, init_value=init)
-    if after is None:
-        return warm
-    after_fn = after
-
-    def schedule(step: ArrayLike) -> jax.Array:
-        t = jnp.maximum(_f32(step), 0.0)
-        w = _f32(warmup_steps)
-        return jnp.where(t < w, warm(t), _f32(after_fn(jnp.maximum(t - w, 0.0))))
-
-    return schedule
+    after_fn = (lambda step: peak) if after is None else after
+    return _warmup(after_fn, warmup_steps, init, "linear", "relative", peak=peak)
 
 
 def goyal_schedule(
