@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from optax_warmup._validation import is_traced
+
 
 def _check_alpha(alpha: ArrayLike, batch_shape: tuple[int, ...], batch: str) -> None:
     """Raises unless ``alpha`` broadcasts to ``batch_shape`` and lies in [0, 1].
@@ -35,7 +37,7 @@ def _check_alpha(alpha: ArrayLike, batch_shape: tuple[int, ...], batch: str) -> 
             f"alpha must broadcast to {batch}={tuple(batch_shape)}, "
             f"got alpha.shape={shape}."
         )
-    if isinstance(alpha, jax.core.Tracer):
+    if is_traced(alpha):
         return  # A traced value cannot be checked; documented in the public functions.
     value = np.asarray(alpha, dtype=np.float64)
     bad = ~((value >= 0.0) & (value <= 1.0))  # NaN fails both comparisons.

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 STANDARD_SAMPLES = 5000  # mnist1d's default: a 4000/1000 train/test split
-SEQUENCE_LENGTH = 40
 NUM_CLASSES = 10
 _FORMAT = 1  # bump when the cached arrays change meaning
 

@@ -74,31 +74,32 @@ class Experiment:
     def batch_size(self, config: str) -> int:
         return self.small_batch if CONFIGS[config][0] == "small" else self.large_batch
 
+    def _schedule_args(self, config: str) -> dict[str, Any]:
+        """The arguments that ``goyal_schedule`` and ``goyal_sgd`` share."""
+        return {
+            "batch_size": self.batch_size(config),
+            "base_lr": self.lr,
+            "base_batch_size": self.small_batch,
+            "warmup_epochs": self.warmup_epochs,
+            "milestones": self.milestones,
+            "warmup": CONFIGS[config][1],
+        }
+
     def optimizer(
         self, config: str, steps_per_epoch: int
     ) -> optax.GradientTransformation:
         """``ow.goyal_sgd`` for ``config``: η at batch n, scaled to its batch."""
         return ow.goyal_sgd(
-            self.batch_size(config),
-            steps_per_epoch,
-            base_lr=self.lr,
-            base_batch_size=self.small_batch,
+            steps_per_epoch=steps_per_epoch,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
-            warmup_epochs=self.warmup_epochs,
-            milestones=self.milestones,
-            warmup=CONFIGS[config][1],
+            **self._schedule_args(config),
         )
 
     def schedule(self, config: str, steps_per_epoch: int) -> optax.Schedule:
+        """The learning-rate schedule of ``optimizer(config, steps_per_epoch)``."""
         return ow.goyal_schedule(
-            self.batch_size(config),
-            steps_per_epoch,
-            base_lr=self.lr,
-            base_batch_size=self.small_batch,
-            warmup_epochs=self.warmup_epochs,
-            milestones=self.milestones,
-            warmup=CONFIGS[config][1],
+            steps_per_epoch=steps_per_epoch, **self._schedule_args(config)
         )
 
 
