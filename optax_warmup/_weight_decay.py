@@ -151,9 +151,10 @@ def _as_bool(path: str, value: Any) -> bool:
     return bool(array)
 
 
-def _covers(mask_path: str, path: str) -> bool:
-    """True when the mask entry at ``mask_path`` is ``path`` or one of its parents."""
-    return mask_path == "" or path == mask_path or path.startswith(mask_path + "/")
+def _ancestors(path: str) -> list[str]:
+    """``path`` and its parents, nearest first, ending with the root ``""``."""
+    parts = path.split("/") if path else []
+    return ["/".join(parts[:i]) for i in range(len(parts), -1, -1)]
 
 
 def resolve_mask(mask: MaskOrFn | None, params: optax.Params) -> Any:
@@ -171,19 +172,21 @@ def resolve_mask(mask: MaskOrFn | None, params: optax.Params) -> Any:
     if mask is None:
         return jax.tree_util.tree_unflatten(treedef, [True] * len(leaves))
     tree = mask(params) if callable(mask) else mask
-    entries = [(path, _as_bool(path, value)) for path, value in flatten(tree)[0]]
-    values = []
+    entries = {path: _as_bool(path, value) for path, value in flatten(tree)[0]}
+    # Each param takes the entry at its own path or its nearest parent: one dict
+    # lookup per level, so a large model resolves in time linear in its leaves.
+    values, used = [], set()
     for path, _ in leaves:
-        found = [value for mask_path, value in entries if _covers(mask_path, path)]
-        if not found:
+        entry = next((p for p in _ancestors(path) if p in entries), None)
+        if entry is None:
             raise ValueError(
                 "mask does not match the structure of params: the first path that "
                 f"differs is {path!r} (in params, not in the mask)"
             )
-        values.append(found[-1])
-    param_paths = [path for path, _ in leaves]
-    for mask_path, _ in entries:
-        if not any(_covers(mask_path, path) for path in param_paths):
+        values.append(entries[entry])
+        used.add(entry)
+    for mask_path in entries:
+        if mask_path not in used:
             raise ValueError(
                 "mask does not match the structure of params: the first path that "
                 f"differs is {mask_path!r} (in the mask, not in params)"
