@@ -39,33 +39,15 @@ BATCH_SIZE, STEPS_PER_EPOCH = 8192, 156  # Goyal et al.'s 8k ImageNet run
 
 
 def make_model(quick: bool) -> nnx.Module:
-    """A small 2-D ResNet with BatchNorm (ow.models), or a plain CNN without it."""
-    if hasattr(ow, "models") and hasattr(ow.models, "ResNet"):
-        return ow.models.ResNet(
-            (1, 1),
-            widths=(8, 16) if quick else (16, 32),
-            num_classes=10,
-            in_features=3,
-            small_input=True,
-            rngs=nnx.Rngs(0),
-        )
-    return _FallbackCNN(nnx.Rngs(0))
-
-
-class _FallbackCNN(nnx.Module):
-    """Conv-BN-ReLU twice and a dense head: used only when ow.models is missing."""
-
-    def __init__(self, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(3, 16, (3, 3), use_bias=False, rngs=rngs)
-        self.bn1 = nnx.BatchNorm(16, rngs=rngs)
-        self.conv2 = nnx.Conv(16, 32, (3, 3), strides=2, use_bias=False, rngs=rngs)
-        self.bn2 = nnx.BatchNorm(32, rngs=rngs)
-        self.fc = nnx.Linear(32, 10, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jax.nn.relu(self.bn1(self.conv1(x)))
-        x = jax.nn.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((1, 2)))
+    """A small 2-D ResNet with BatchNorm from ``ow.models``."""
+    return ow.models.ResNet(
+        (1, 1),
+        widths=(8, 16) if quick else (16, 32),
+        num_classes=10,
+        in_features=3,
+        small_input=True,
+        rngs=nnx.Rngs(0),
+    )
 
 
 def optax_goyal_schedule() -> optax.Schedule:
