@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -87,3 +88,48 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def paired_ratio(
+    base_fn: Callable[..., Any],
+    base_args: tuple,
+    fn: Callable[..., Any],
+    args: tuple,
+    pairs: int,
+) -> dict[str, float]:
+    """Median over back-to-back pairs of (time of fn) / (time of base_fn).
+
+    Each pair runs both calls one after the other, in alternating order, so that a
+    slow spell of a loaded machine hits both sides of a pair alike; the median of
+    the pair ratios is far steadier than a ratio of two separate medians.
+    """
+    ratios, differences = [], []
+    for i in range(pairs):
+        order = [(base_fn, base_args), (fn, args)]
+        if i % 2:
+            order.reverse()
+        seconds = []
+        for f, a in order:
+            start = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            seconds.append(time.perf_counter() - start)
+        if i % 2:
+            seconds.reverse()
+        ratios.append(seconds[1] / seconds[0])
+        differences.append(seconds[1] - seconds[0])
+    return {
+        "ratio": statistics.median(ratios),
+        "difference_s": statistics.median(differences),
+    }
+
+
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+ = ", re.M)
+
+
+def hlo_ops(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
+    """HLO instructions before (lowered) and after XLA's optimizations (compiled)."""
+    lowered = jax.jit(fn).lower(*args)
+    return {
+        "lowered": len(_INSTRUCTION.findall(lowered.as_text(dialect="hlo"))),
+        "compiled": len(_INSTRUCTION.findall(lowered.compile().as_text())),
+    }

@@ -8,13 +8,24 @@ Gaussian initializations, as pure functions and optax transformations.
 from optax_warmup import models
 from optax_warmup._initializers import gaussian_fc_init, he_conv_init, zero_gamma_init
 from optax_warmup._losses import smooth_labels, smoothed_cross_entropy
-from optax_warmup._recipes import goyal_sgd
+from optax_warmup._noise_scale import (
+    NoiseScaleState,
+    average_group_grads,
+    current_noise_scale,
+    noise_scale_estimates,
+    track_noise_scale,
+    value_and_grad_by_group,
+)
+from optax_warmup._plateau import PlateauAfterWarmupState, reduce_on_plateau_after
+from optax_warmup._recipes import adamw, goyal_sgd, lamb, lars, sgd
 from optax_warmup._schedules import (
     goyal_schedule,
     gradual_warmup_schedule,
     linear_scaling_rule,
+    step_decay_schedule,
     untuned_warmup_schedule,
     warmup_schedule,
+    wsd_schedule,
 )
 from optax_warmup._transforms import ScaleByWarmupState, current_lr, scale_by_warmup
 from optax_warmup._weight_decay import decay_mask, decay_report, masked_weight_decay
@@ -22,9 +33,14 @@ from optax_warmup._weight_decay import decay_mask, decay_report, masked_weight_d
 __version__ = "0.1.0"
 
 __all__ = [
+    "NoiseScaleState",
+    "PlateauAfterWarmupState",
     "ScaleByWarmupState",
     "__version__",
+    "adamw",
+    "average_group_grads",
     "current_lr",
+    "current_noise_scale",
     "decay_mask",
     "decay_report",
     "gaussian_fc_init",
@@ -32,13 +48,22 @@ __all__ = [
     "goyal_sgd",
     "gradual_warmup_schedule",
     "he_conv_init",
+    "lamb",
+    "lars",
     "linear_scaling_rule",
     "masked_weight_decay",
     "models",
+    "noise_scale_estimates",
+    "reduce_on_plateau_after",
     "scale_by_warmup",
+    "sgd",
     "smooth_labels",
     "smoothed_cross_entropy",
+    "step_decay_schedule",
+    "track_noise_scale",
     "untuned_warmup_schedule",
+    "value_and_grad_by_group",
     "warmup_schedule",
+    "wsd_schedule",
     "zero_gamma_init",
 ]

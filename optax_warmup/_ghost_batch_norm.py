@@ -1,6 +1,9 @@
 """Ghost BatchNorm: batch statistics over groups of the batch, as Goyal et al. had them.
 
-Public as ``optax_warmup.models.GhostBatchNorm``.
+Public as ``optax_warmup.models.GhostBatchNorm``. The training path is a thin shell
+over the pure helpers below (as in ``flax.nnx.BatchNorm``): split the batch into
+groups, compute each group's statistics, normalize each group with its own, and
+move the running statistics towards the groups' mean statistics.
 """
 
 from __future__ import annotations
@@ -10,43 +13,103 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from optax_warmup._validation import check_int
+
+
+def _split_groups(x: jax.Array, group_size: int) -> jax.Array:
+    """``(N, ...) -> (N // group_size, group_size, ...)``: consecutive groups."""
+    return x.reshape((x.shape[0] // group_size, group_size, *x.shape[1:]))
+
+
+def _group_stats(
+    groups: jax.Array,
+    feature_axis: int,
+    *,
+    dtype: DTypeLike | None,
+    use_fast_variance: bool,
+) -> tuple[jax.Array, jax.Array]:
+    r"""The mean and biased variance of each group, in at least float32.
+
+    For groups of shape ``(G, g, ...)`` the statistics reduce over every axis but the
+    group axis 0 and ``feature_axis`` (an axis of ``groups``, not of the input), and
+    keep the reduced axes as size 1: :math:`\mu_j = \overline{x}_j`,
+    :math:`\sigma^2_j = \overline{(x - \mu_j)^2}_j` over group j, or
+    :math:`\max(0, \overline{x^2}_j - \mu_j^2)` with ``use_fast_variance``. They are
+    computed in ``promote_types(dtype or groups.dtype, float32)``.
+    """
+    axes = tuple(i for i in range(1, groups.ndim) if i != feature_axis)
+    stat_dtype = jnp.promote_types(
+        dtype if dtype is not None else groups.dtype, jnp.float32
+    )
+    xs = groups.astype(stat_dtype)
+    mean = xs.mean(axes, keepdims=True)
+    if use_fast_variance:
+        var = jnp.maximum(0.0, (xs * xs).mean(axes, keepdims=True) - mean * mean)
+    else:
+        var = jnp.square(xs - mean).mean(axes, keepdims=True)
+    return mean, var
+
+
+def _normalize(
+    groups: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    feature_axis: int,
+    epsilon: float,
+) -> jax.Array:
+    r""":math:`\gamma (x - \mu_j) / \sqrt{\sigma^2_j + \epsilon} + \beta` per group j.
+
+    ``mean`` and ``var`` come from ``_group_stats`` (broadcastable to ``groups``);
+    ``scale`` (γ) and ``bias`` (β) have one entry per feature of ``feature_axis``,
+    and ``None`` leaves that step out.
+    """
+    feature_shape = [1] * groups.ndim
+    feature_shape[feature_axis] = groups.shape[feature_axis]
+    mul = jax.lax.rsqrt(var + epsilon)
+    if scale is not None:
+        mul = mul * scale.reshape(feature_shape)
+    y = (groups - mean) * mul
+    if bias is not None:
+        y = y + bias.reshape(feature_shape)
+    return y
+
+
+def _running_average(
+    running: jax.Array, group_stat: jax.Array, momentum: float
+) -> jax.Array:
+    r""":math:`m \cdot \text{running} + (1 - m) \frac{1}{G}\sum_j s_j`.
+
+    ``group_stat`` holds one statistic :math:`s_j` per group on axis 0 (the output
+    of ``_group_stats``); the result has the shape of ``running``.
+    """
+    pooled = group_stat.mean(0).reshape(running.shape)
+    return momentum * running + (1 - momentum) * pooled
 
 
 class GhostBatchNorm(nnx.BatchNorm):
     r"""BatchNorm whose training statistics come from groups of ``group_size`` examples.
 
-    Goyal et al. trained with a minibatch of kn examples spread over k workers and
-    computed the BatchNorm statistics on each worker's n = 32 examples, not over the
-    whole kn batch (they note that this changes the loss being optimized, and keep n
-    fixed when k grows). This layer does the same on one device: in training mode it
-    splits the batch (axis 0) into G = N / g consecutive groups of g examples and
-    normalizes each group with its own statistics,
+    Goyal et al. computed the BatchNorm statistics of their kn-example minibatch on
+    each worker's n = 32 examples. In training mode this layer splits the batch
+    (axis 0) into G = N / g consecutive groups of g examples and normalizes each
+    group with its own mean and biased variance (over the group's examples and all
+    non-feature axes), exactly as ``nnx.BatchNorm`` would on that group alone:
 
     .. math::
 
       y_{i} = \gamma \frac{x_{i} - \mu_{g(i)}}{\sqrt{\sigma^2_{g(i)} + \epsilon}}
-        + \beta,
-
-    where :math:`\mu_g, \sigma^2_g` are the mean and (biased) variance over the
-    examples of group g and all non-feature axes, exactly what ``nnx.BatchNorm``
-    computes on that group alone. The running statistics move towards the mean over
-    groups of the per-group statistics:
-
-    .. math::
-
+        + \beta, \qquad
       \hat\mu \leftarrow m \hat\mu + (1 - m) \frac{1}{G}\sum_g \mu_g, \qquad
       \hat\sigma^2 \leftarrow m \hat\sigma^2 + (1 - m) \frac{1}{G}\sum_g \sigma^2_g.
 
-    This is the average of the running statistics that G copies of ``nnx.BatchNorm``,
-    each applied to one group, would hold; because the update is affine it does not
-    matter whether the copies are averaged after every step or only at the end (as a
-    data-parallel job that keeps per-worker statistics and averages them at the end
-    would). So "BatchNorm applied to each group separately" holds for the outputs and
-    the running statistics alike. Note that :math:`\frac{1}{G}\sum_g \sigma^2_g` is the
-    within-group variance: smaller than the whole batch's variance by the variance of
-    the group means.
+    The running statistics are the average of those that G copies of
+    ``nnx.BatchNorm``, one per group, would hold (the guide "Initializers and
+    models" derives this, and why the average of the group variances is smaller
+    than the whole batch's variance).
 
     Edge cases: ``group_size=None`` is ordinary ``nnx.BatchNorm``; ``group_size``
     equal to the batch size gives the same values as ordinary BatchNorm; evaluation
@@ -89,7 +152,7 @@ class GhostBatchNorm(nnx.BatchNorm):
 
     def __init__(
         self, num_features: int, *, group_size: int | None = None, **kwargs: Any
-    ):
+    ) -> None:
         if group_size is not None:
             check_int("group_size", group_size, low=1)
             group_size = int(group_size)
@@ -130,10 +193,9 @@ class GhostBatchNorm(nnx.BatchNorm):
             return super().__call__(x, use_running_average, mask=mask)
         if mask is not None:
             raise ValueError("mask is not supported together with group_size")
-        return self._ghost_train(jnp.asarray(x))
+        return self._ghost_train(jnp.asarray(x), self.group_size)
 
-    def _ghost_train(self, x: jax.Array) -> jax.Array:
-        g = self.group_size
+    def _ghost_train(self, x: jax.Array, group_size: int) -> jax.Array:
         batch = x.shape[0] if x.ndim else 0
         feature_axis = self.axis % x.ndim if x.ndim else 0
         if x.ndim < 2 or feature_axis == 0:
@@ -141,10 +203,10 @@ class GhostBatchNorm(nnx.BatchNorm):
                 "GhostBatchNorm needs the batch on axis 0 and the features on another "
                 f"axis, got input shape {x.shape} and axis={self.axis}"
             )
-        if batch % g:
+        if batch % group_size:
             raise ValueError(
-                f"the batch size {batch} is not a multiple of group_size={g}: "
-                "ghost BatchNorm needs whole groups"
+                f"the batch size {batch} is not a multiple of "
+                f"group_size={group_size}: ghost BatchNorm needs whole groups"
             )
 
         scale = self.scale[...] if self.scale is not None else None
@@ -152,38 +214,19 @@ class GhostBatchNorm(nnx.BatchNorm):
         x, _, _, scale, bias = self.promote_dtype(
             (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
         )
-        # (N, ...) -> (G, g, ...): the statistics reduce over everything but the
-        # group axis 0 and the feature axis.
-        groups = x.reshape((batch // g, g, *x.shape[1:]))
-        feature = feature_axis + 1
-        axes = tuple(i for i in range(1, groups.ndim) if i != feature)
-
-        stat_dtype = jnp.promote_types(
-            self.dtype if self.dtype is not None else groups.dtype, jnp.float32
+        groups = _split_groups(x, group_size)
+        feature = feature_axis + 1  # the feature axis of ``groups``
+        mean, var = _group_stats(
+            groups,
+            feature,
+            dtype=self.dtype,
+            use_fast_variance=self.use_fast_variance,
         )
-        xs = groups.astype(stat_dtype)
-        mean = xs.mean(axes, keepdims=True)
-        if self.use_fast_variance:
-            var = jnp.maximum(0.0, (xs * xs).mean(axes, keepdims=True) - mean * mean)
-        else:
-            var = jnp.square(xs - mean).mean(axes, keepdims=True)
+        stop = jax.lax.stop_gradient
+        self.mean[...] = stop(_running_average(self.mean[...], mean, self.momentum))
+        self.var[...] = stop(_running_average(self.var[...], var, self.momentum))
 
-        m = self.momentum
-        group_mean = mean.mean(0).reshape(self.mean.shape)
-        group_var = var.mean(0).reshape(self.var.shape)
-        self.mean[...] = jax.lax.stop_gradient(
-            m * self.mean[...] + (1 - m) * group_mean
-        )
-        self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * group_var)
-
-        feature_shape = [1] * groups.ndim
-        feature_shape[feature] = groups.shape[feature]
-        mul = jax.lax.rsqrt(var + self.epsilon)
-        if scale is not None:
-            mul = mul * scale.reshape(feature_shape)
-        y = (groups - mean) * mul
-        if bias is not None:
-            y = y + bias.reshape(feature_shape)
+        y = _normalize(groups, mean, var, scale, bias, feature, self.epsilon)
         args = [a for a in (x, scale, bias) if a is not None]
         out_dtype = self.dtype if self.dtype is not None else jnp.result_type(*args)
         return y.reshape(x.shape).astype(out_dtype)

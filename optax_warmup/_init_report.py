@@ -6,26 +6,35 @@ Public as ``optax_warmup.models.init_report``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from flax import nnx
 
+from optax_warmup._initializers import fan_out
 from optax_warmup._validation import check_real
 
 _SHORTCUT_NAMES = ("shortcut", "downsample")
+_BRANCH = "residual branch"
+
+# A module's path in the model, as nnx.iter_modules yields it.
+_ModulePath = tuple[Any, ...]
 
 
-def _name(path: tuple) -> str:
+def _name(path: _ModulePath) -> str:
     return "/".join(str(k) for k in path) or "<model>"
 
 
-def _values(variable) -> np.ndarray | None:
+def _values(variable: nnx.Variable[Any] | None) -> np.ndarray | None:
     if variable is None:
         return None
     return np.asarray(variable[...], dtype=np.float64)
 
 
-def _std_deviation(path: tuple, what: str, sample: np.ndarray, target: float) -> list:
+def _std_deviation(
+    path: _ModulePath, what: str, sample: np.ndarray, target: float
+) -> list[str]:
     """A deviation when the sample std is off ``target`` by more than sampling noise.
 
     The std of n normal draws has a relative sampling error of about 1 / sqrt(2n); the
@@ -42,6 +51,86 @@ def _std_deviation(path: tuple, what: str, sample: np.ndarray, target: float) ->
             f"(tolerance ±{tol:.0%}, {n} values)"
         ]
     return []
+
+
+def _zero_bias(path: _ModulePath, layer: nnx.Module, what: str) -> list[str]:
+    """A deviation when the layer has a bias (``None`` counts as none) that is not 0."""
+    bias = _values(getattr(layer, "bias", None))
+    if bias is not None and np.any(bias != 0):
+        return [f"{_name(path)}: {what} is not 0"]
+    return []
+
+
+# --- one rule per layer type ---------------------------------------------------------
+
+
+def _conv_rule(path: _ModulePath, conv: nnx.Conv) -> list[str]:
+    """Rule 1: kernel std ≈ sqrt(2 / fan_out), bias 0."""
+    kernel = np.asarray(conv.kernel[...], np.float64)
+    target = math.sqrt(2.0 / fan_out(kernel.shape))
+    return _std_deviation(path, "conv kernel", kernel, target) + _zero_bias(
+        path, conv, "conv bias"
+    )
+
+
+def _linear_rule(path: _ModulePath, linear: nnx.Linear, fc_stddev: float) -> list[str]:
+    """Rule 2: kernel std ≈ ``fc_stddev``, bias 0."""
+    kernel = np.asarray(linear.kernel[...], np.float64)
+    return _std_deviation(path, "FC kernel", kernel, fc_stddev) + _zero_bias(
+        path, linear, "FC bias"
+    )
+
+
+def _batch_norm_rule(path: _ModulePath, norm: nnx.BatchNorm, where: str) -> list[str]:
+    """Rule 3 for one BatchNorm: β = 0, and γ = 1 unless it is on a residual branch.
+
+    ``where`` is ``_BRANCH`` (its γ is checked with the rest of the branch, by
+    ``_residual_branch_rule``), ``"shortcut"`` or ``"outside residual blocks"``.
+    """
+    report = _zero_bias(path, norm, "BatchNorm β")
+    gamma = _values(norm.scale)
+    if where != _BRANCH and gamma is not None and np.any(gamma != 1):
+        report.append(f"{_name(path)}: BatchNorm γ is not 1 ({where})")
+    return report
+
+
+def _residual_branch_rule(
+    block: _ModulePath, norms: Sequence[tuple[_ModulePath, np.ndarray | None]]
+) -> list[str]:
+    """Rule 3 for one block: exactly one γ = 0 on its branch, every other γ = 1.
+
+    ``norms`` are the (path, γ) of the BatchNorms on the block's residual branch.
+    """
+    zeros = [p for p, g in norms if g is not None and np.all(g == 0)]
+    report: list[str] = []
+    if len(zeros) != 1:
+        names = f" ({', '.join(_name(p[len(block) :]) for p in zeros)})"
+        report.append(
+            f"{_name(block)}: {len(zeros)} BatchNorms with γ = 0 on the residual "
+            f"branch{names if zeros else ''}, expected exactly 1"
+        )
+    for path, gamma in norms:
+        if path not in zeros and gamma is not None and np.any(gamma != 1):
+            report.append(f"{_name(path)}: BatchNorm γ is neither all 0 nor all 1")
+    return report
+
+
+def _placement(
+    path: _ModulePath, blocks: Sequence[_ModulePath]
+) -> tuple[_ModulePath | None, str]:
+    """Where a module sits: (the block whose branch holds it or ``None``, where).
+
+    A module belongs to the innermost block that contains it; ``where`` is
+    ``_BRANCH``, ``"shortcut"`` (inside the block's shortcut attribute) or
+    ``"outside residual blocks"``.
+    """
+    owners = [b for b in blocks if path[: len(b)] == b and path != b]
+    if not owners:
+        return None, "outside residual blocks"
+    owner = max(owners, key=len)
+    if path[len(owner)] in _SHORTCUT_NAMES:
+        return None, "shortcut"
+    return owner, _BRANCH
 
 
 def init_report(model: nnx.Module, *, fc_stddev: float = 0.01) -> list[str]:
@@ -113,49 +202,19 @@ def init_report(model: nnx.Module, *, fc_stddev: float = 0.01) -> list[str]:
             "`shortcut` or `downsample` attribute)"
         )
 
-    # BatchNorms: group by innermost block; β = 0 everywhere.
-    branch: dict[tuple, list[tuple[tuple, np.ndarray | None]]] = {b: [] for b in blocks}
+    branch_norms: dict[_ModulePath, list[tuple[_ModulePath, np.ndarray | None]]] = {
+        b: [] for b in blocks
+    }
     for path, module in modules:
         if isinstance(module, nnx.BatchNorm):
-            bias = _values(module.bias)
-            if bias is not None and np.any(bias != 0):
-                report.append(f"{_name(path)}: BatchNorm β is not 0")
-            gamma = _values(module.scale)
-            owners = [b for b in blocks if path[: len(b)] == b and path != b]
-            owner = max(owners, key=len) if owners else None
-            on_shortcut = owner is not None and path[len(owner)] in _SHORTCUT_NAMES
-            if owner is not None and not on_shortcut:
-                branch[owner].append((path, gamma))
-            elif gamma is not None and np.any(gamma != 1):
-                where = "shortcut" if on_shortcut else "outside residual blocks"
-                report.append(f"{_name(path)}: BatchNorm γ is not 1 ({where})")
+            block, where = _placement(path, blocks)
+            report += _batch_norm_rule(path, module, where)
+            if block is not None:
+                branch_norms[block].append((path, _values(module.scale)))
         elif isinstance(module, nnx.Conv):
-            kernel = _values(module.kernel)
-            shape = kernel.shape
-            fan_out = math.prod(shape[:-2]) * shape[-1]
-            report += _std_deviation(
-                path, "conv kernel", kernel, math.sqrt(2.0 / fan_out)
-            )
-            bias = _values(getattr(module, "bias", None))
-            if bias is not None and np.any(bias != 0):
-                report.append(f"{_name(path)}: conv bias is not 0")
+            report += _conv_rule(path, module)
         elif isinstance(module, nnx.Linear):
-            report += _std_deviation(
-                path, "FC kernel", _values(module.kernel), float(fc_stddev)
-            )
-            bias = _values(getattr(module, "bias", None))
-            if bias is not None and np.any(bias != 0):
-                report.append(f"{_name(path)}: FC bias is not 0")
-
+            report += _linear_rule(path, module, float(fc_stddev))
     for block in blocks:
-        zeros = [p for p, g in branch[block] if g is not None and np.all(g == 0)]
-        if len(zeros) != 1:
-            names = f" ({', '.join(_name(p[len(block) :]) for p in zeros)})"
-            report.append(
-                f"{_name(block)}: {len(zeros)} BatchNorms with γ = 0 on the residual "
-                f"branch{names if zeros else ''}, expected exactly 1"
-            )
-        for path, gamma in branch[block]:
-            if path not in zeros and gamma is not None and np.any(gamma != 1):
-                report.append(f"{_name(path)}: BatchNorm γ is neither all 0 nor all 1")
+        report += _residual_branch_rule(block, branch_norms[block])
     return report

@@ -1,9 +1,10 @@
 """Initializers of Goyal et al. 2017 for ResNets, as ``jax.nn.initializers``.
 
-Each factory returns an ``Initializer``, a function ``(key, shape, dtype) -> Array``,
-so it plugs into ``nnx.Conv(kernel_init=...)``, ``nnx.Linear(kernel_init=...)``,
-``nnx.BatchNorm(scale_init=...)`` and their ``flax.linen`` twins. The dtype asked for
-is the dtype returned (bfloat16 in, bfloat16 out); normal samples are drawn in
+Each factory returns a ``jax.nn.initializers.Initializer``, a function
+``(key, shape, dtype, out_sharding=None) -> Array``, so it plugs into
+``nnx.Conv(kernel_init=...)``, ``nnx.Linear(kernel_init=...)``,
+``nnx.BatchNorm(scale_init=...)`` and their ``flax.linen`` twins. The dtype asked
+for is the dtype returned (bfloat16 in, bfloat16 out); normal samples are drawn in
 float32 (or wider) and rounded to it, because a normal drawn directly in bfloat16 is
 truncated near 2.9σ and biased.
 """
@@ -16,23 +17,57 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax.nn.initializers import Initializer
+from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
 from optax_warmup._validation import check_real
 
+# The ``out_sharding`` of ``jax.nn.initializers.Initializer``.
+OutSharding = NamedSharding | PartitionSpec | None
+
 
 def _normal(
-    key: jax.Array, shape: Sequence[int], dtype: DTypeLike, stddev: ArrayLike
+    key: jax.Array,
+    shape: Sequence[int],
+    dtype: DTypeLike | None,
+    stddev: ArrayLike,
+    out_sharding: OutSharding,
 ) -> jax.Array:
     """N(0, stddev²) drawn in at least float32, then rounded to ``dtype``.
 
     ``jax.random.normal`` drawn directly in bfloat16 comes from a bfloat16 uniform:
     it is cut off near 2.9σ and its mean is off by about -0.01σ. Drawing in float32
-    and rounding keeps the tails and an unbiased mean.
+    and rounding keeps the tails and an unbiased mean. ``dtype=None`` is float32.
     """
+    dtype = jnp.float32 if dtype is None else dtype
     wide = jnp.promote_types(dtype, jnp.float32)
-    sample = jax.random.normal(key, shape, wide) * jnp.asarray(stddev, wide)
-    return sample.astype(dtype)
+    sample = jax.random.normal(key, shape, wide, out_sharding=out_sharding)
+    return (sample * jnp.asarray(stddev, wide)).astype(dtype)
+
+
+def fan_out(shape: Sequence[int]) -> int:
+    r"""The fan-out of a flax convolution kernel: spatial size × output channels.
+
+    .. math::
+
+      \text{fan\_out} = k_1 \cdots k_d \cdot c_\text{out}
+
+    for a kernel of shape ``(k_1, ..., k_d, c_in, c_out)``; ``c_in`` (per group for
+    a grouped conv) does not enter. The one definition that ``he_conv_init`` draws
+    with and ``init_report`` checks against.
+
+    Args:
+      shape: the kernel's shape, with at least the two channel dimensions.
+
+    Returns:
+      The fan-out, a Python ``int``.
+
+    Example:
+      >>> from optax_warmup._initializers import fan_out
+      >>> fan_out((3, 3, 64, 128))  # 3 * 3 * 128
+      1152
+    """
+    return math.prod(shape[:-2]) * shape[-1]
 
 
 def he_conv_init() -> Initializer:
@@ -57,7 +92,8 @@ def he_conv_init() -> Initializer:
     variance. The two agree only when ``c_in == c_out`` and the tails do not matter.
 
     Returns:
-      An initializer ``init(key, shape, dtype=jnp.float32) -> jax.Array``. It raises
+      An initializer ``init(key, shape, dtype=jnp.float32, out_sharding=None) ->
+      jax.Array`` (``dtype=None`` is float32). It raises
       ``ValueError`` naming ``shape`` when the shape is not that of a 1-D, 2-D or 3-D
       convolution kernel (3 to 5 dimensions) or has a zero-sized dimension.
 
@@ -81,7 +117,10 @@ def he_conv_init() -> Initializer:
     """
 
     def init(
-        key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32
+        key: jax.Array,
+        shape: Sequence[int],
+        dtype: DTypeLike | None = jnp.float32,
+        out_sharding: OutSharding = None,
     ) -> jax.Array:
         shape = tuple(int(d) for d in shape)
         if not 3 <= len(shape) <= 5 or min(shape) < 1:
@@ -90,9 +129,8 @@ def he_conv_init() -> Initializer:
                 "(*spatial, in_features, out_features) with positive sizes, "
                 f"got shape={shape}"
             )
-        fan_out = math.prod(shape[:-2]) * shape[-1]
-        stddev = math.sqrt(2.0 / fan_out)
-        return _normal(key, shape, dtype, stddev)
+        stddev = math.sqrt(2.0 / fan_out(shape))
+        return _normal(key, shape, dtype, stddev, out_sharding)
 
     return init
 
@@ -117,8 +155,9 @@ def gaussian_fc_init(stddev: ArrayLike = 0.01) -> Initializer:
         naming ``stddev`` and the value.
 
     Returns:
-      An initializer ``init(key, shape, dtype=jnp.float32) -> jax.Array`` of any
-      shape (flax's ``Linear`` kernel is ``(in_features, out_features)``).
+      An initializer ``init(key, shape, dtype=jnp.float32, out_sharding=None) ->
+      jax.Array`` (``dtype=None`` is float32) of any shape (flax's ``Linear``
+      kernel is ``(in_features, out_features)``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -139,9 +178,12 @@ def gaussian_fc_init(stddev: ArrayLike = 0.01) -> Initializer:
     check_real("stddev", stddev, low=0.0, low_open=True)
 
     def init(
-        key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32
+        key: jax.Array,
+        shape: Sequence[int],
+        dtype: DTypeLike | None = jnp.float32,
+        out_sharding: OutSharding = None,
     ) -> jax.Array:
-        return _normal(key, shape, dtype, stddev)
+        return _normal(key, shape, dtype, stddev, out_sharding)
 
     return init
 
@@ -160,8 +202,9 @@ def zero_gamma_init() -> Initializer:
     like a shallower one early in training. Every other BatchNorm keeps γ = 1.
 
     Returns:
-      An initializer ``init(key, shape, dtype=jnp.float32) -> jax.Array`` that returns
-      exact zeros of ``shape`` and ``dtype``.
+      An initializer ``init(key, shape, dtype=jnp.float32, out_sharding=None) ->
+      jax.Array`` that returns exact zeros of ``shape`` and ``dtype`` (``None`` is
+      float32).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -179,9 +222,13 @@ def zero_gamma_init() -> Initializer:
     """
 
     def init(
-        key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32
+        key: jax.Array,
+        shape: Sequence[int],
+        dtype: DTypeLike | None = jnp.float32,
+        out_sharding: OutSharding = None,
     ) -> jax.Array:
         del key
-        return jnp.zeros(shape, dtype)
+        dtype = jnp.float32 if dtype is None else dtype
+        return jnp.zeros(shape, dtype, out_sharding=out_sharding)
 
     return init

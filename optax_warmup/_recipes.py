@@ -1,87 +1,444 @@
-"""Ready optimizers of the large-minibatch recipe, each an ``optax.chain`` of parts."""
+"""Optimizers with the large-batch recipe built in: SGD, LARS, LAMB, AdamW, goyal_sgd.
+
+One builder makes them all: the optimizer's parts are chained in one function of the
+hyperparameters (weight decay on the masked leaves, placed where the optimizer puts
+it), ``optax.inject_hyperparams`` keeps the learning rate and the weight decay in the
+state (so either may be a schedule, ``ow.current_lr`` reads the rate and a
+checkpoint resumes exactly), and the updates leave with the dtype they came in with.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
 
+import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from optax_warmup._schedules import goyal_schedule
-from optax_warmup._transforms import keep_update_dtype
+from optax_warmup._stacked_layers import Stacked, check_stacked
+from optax_warmup._transforms import keep_update_dtype, scale_and_trace
+from optax_warmup._trust_ratio import scale_by_trust_ratio
 from optax_warmup._validation import check_real
 from optax_warmup._weight_decay import MaskOrFn, decay_mask, masked_weight_decay
+
+
+def _recipe(
+    parts: Callable[..., optax.GradientTransformation],
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    mask: MaskOrFn | None,
+    stacked: Stacked | None,
+    **static: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """``parts(learning_rate, weight_decay, mask=..., stacked=..., **static)`` with
+    the rate and the decay injected and the updates' dtypes kept.
+
+    Only the rate and the decay live in the state, in at least float32: optax's
+    ``inject_hyperparams`` would round every numeric hyperparameter to the
+    parameters' dtype, and in bfloat16 Adam's ``b2 = 0.999`` is 1.0.
+    """
+    if not callable(learning_rate):
+        check_real("learning_rate", learning_rate, low=0.0)
+    if not callable(weight_decay):
+        check_real("weight_decay", weight_decay, low=0.0)
+    if stacked is not None:
+        check_stacked(stacked)
+    if mask is decay_mask and stacked:
+        mask = functools.partial(decay_mask, stacked=stacked)
+    static = {**static, "mask": mask, "stacked": stacked}
+
+    def injected(params: optax.Params) -> optax.GradientTransformationExtraArgs:
+        dtype = jnp.promote_types(optax.tree.dtype(params, "highest"), jnp.float32)
+        inject = optax.inject_hyperparams(
+            parts, static_args=tuple(static), hyperparam_dtype=dtype
+        )
+        return inject(learning_rate=learning_rate, weight_decay=weight_decay, **static)
+
+    def init_fn(params):
+        return injected(params).init(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError(
+                "this optimizer needs the params: call update(grads, state, params)"
+            )
+        return injected(params).update(updates, state, params, **extra_args)
+
+    return keep_update_dtype(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+
+
+def _sgd_parts(learning_rate, weight_decay, momentum, nesterov, mask, stacked):
+    del stacked  # only the mask reads it
+    return optax.chain(
+        masked_weight_decay(weight_decay, mask),
+        optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+    )
+
+
+def _lars_parts(
+    learning_rate,
+    weight_decay,
+    momentum,
+    nesterov,
+    trust_coefficient,
+    eps,
+    momentum_correction,
+    mask,
+    stacked,
+):
+    return optax.chain(
+        masked_weight_decay(weight_decay, mask),
+        scale_by_trust_ratio(trust_coefficient, eps, mask=mask, stacked=stacked),
+        scale_and_trace(learning_rate, momentum, nesterov, momentum_correction),
+    )
+
+
+def _lamb_parts(learning_rate, weight_decay, b1, b2, eps, mask, stacked):
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        masked_weight_decay(weight_decay, mask),
+        scale_by_trust_ratio(mask=mask, stacked=stacked),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def _adamw_parts(learning_rate, weight_decay, b1, b2, eps, mask, stacked):
+    del stacked  # only the mask reads it
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        masked_weight_decay(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def _check_momentum(momentum: ArrayLike) -> None:
+    check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
+
+
+def _check_betas(b1: ArrayLike, b2: ArrayLike, eps: ArrayLike) -> None:
+    check_real("b1", b1, low=0.0, high=1.0, high_open=True)
+    check_real("b2", b2, low=0.0, high=1.0, high_open=True)
+    check_real("eps", eps, low=0.0)
+
+
+def sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: MaskOrFn | None = decay_mask,
+    stacked: Stacked | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """SGD with momentum and L2 weight decay on kernels only, as Goyal et al. train.
+
+    Per step, for each parameter ``w`` with gradient ``g``::
+
+      g ← g + λ·w          only where mask(w) (not BatchNorm γ, β nor biases)
+      v ← m·v + g
+      w ← w − η(t)·v
+
+    ``optax.sgd`` with ``optax.masked(optax.add_decayed_weights(λ), mask)`` in front
+    of it (``optax.sgd`` has no weight decay). The rate stays outside the velocity
+    ``v``, the second form of Goyal et al.'s section 2.3: when ``η`` changes (warmup,
+    milestones) no momentum correction is needed.
+
+    Edge cases: ``momentum=0`` is plain SGD; ``weight_decay=0`` turns the decay off.
+
+    Args:
+      learning_rate: η, a number >= 0 or any schedule (``ow.goyal_schedule``,
+        ``ow.wsd_schedule``, optax's).
+      momentum: m, in [0, 1).
+      nesterov: Nesterov momentum.
+      weight_decay: λ, a number >= 0 or a schedule (1e-4 in Goyal et al.).
+      mask: which leaves are decayed: ``decay_mask`` (default), a function, a tree
+        of bools, or None for all (see ``masked_weight_decay``).
+      stacked: stacked layers for the default mask (see ``decay_mask``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Raises:
+      ValueError: ``learning_rate``, ``momentum`` or ``weight_decay`` out of range or
+        NaN; the message names it.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_warmup as ow
+      >>> tx = ow.sgd(0.1)
+      >>> params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+      >>> updates, state = tx.update({"kernel": jnp.zeros((2, 2)),
+      ...                             "bias": jnp.zeros(2)}, tx.init(params), params)
+      >>> float(updates["kernel"][0, 0]), float(updates["bias"][0])  # −η·λ·w, 0
+      (-9.999999747378752e-06, -0.0)
+
+    References:
+      Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
+      arXiv:1706.02677, sections 2.3, 3 and 5.1; He et al. 2019, Bag of Tricks for
+      Image Classification with Convolutional Neural Networks, arXiv:1812.01187,
+      section 3.1 (no bias decay).
+    """
+    _check_momentum(momentum)
+    return _recipe(
+        _sgd_parts,
+        learning_rate,
+        weight_decay,
+        mask,
+        stacked,
+        momentum=momentum,
+        nesterov=nesterov,
+    )
+
+
+def lars(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    trust_coefficient: float = 0.001,
+    eps: float = 0.0,
+    momentum_correction: bool = False,
+    mask: MaskOrFn | None = decay_mask,
+    stacked: Stacked | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """LARS with weight decay and the trust ratio on kernels only.
+
+    Per step, for each parameter ``w`` with gradient ``g``; where mask(w)::
+
+      d ← g + λ·w
+      d ← c·‖w‖ / (‖d‖ + eps) · d        (1 instead where ‖w‖ or ‖d‖ is 0)
+
+    elsewhere (BatchNorm γ, β, biases) ``d ← g``, plain momentum SGD at the global
+    rate; then for all::
+
+      u ← m·u − η(t)·d,   w ← w + u
+
+    One ``mask`` decides both the decay and the trust ratio, as the MLPerf ResNet-50
+    reference does; ``optax.lars`` applies both to every leaf unless given two
+    masks, and with ``weight_decay_mask=m, trust_ratio_mask=m`` it equals this step
+    for step. Norms are per layer for leaves that ``stacked`` declares stacked (an
+    ``(L, C_in, C_out)`` kernel gets L ratios), so L stacked layers train as the
+    same L layers unstacked. The trust ratio uses ``‖g + λw‖`` as optax does; You
+    et al. write ``‖g‖ + λ‖w‖``.
+
+    The rate is inside the velocity ``u`` (optax's LARS form). When it changes,
+    Goyal et al.'s section 2.3 prescribe the momentum correction: with
+    ``momentum_correction=True``, ``u ← m·(η(t)/η(t−1))·u − η(t)·d``, so a ×0.1
+    milestone shrinks the next update tenfold at once instead of over ~1/(1−m)
+    steps. Off by default, as in optax.
+
+    Args:
+      learning_rate: η, a number >= 0 or a schedule.
+      momentum: m, in [0, 1).
+      nesterov: Nesterov momentum.
+      weight_decay: λ, a number >= 0 or a schedule.
+      trust_coefficient: c, > 0 (0.001 in You et al.).
+      eps: added to the denominator of the ratio, >= 0.
+      momentum_correction: rescale ``u`` by ``η(t)/η(t−1)`` when the rate changes.
+      mask: which leaves get decay and trust ratio: ``decay_mask`` (default), a
+        function, a tree of bools, or None for all (``optax.lars``'s default).
+      stacked: stacked layers, for the per-layer norms and the default mask (see
+        ``decay_mask``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Raises:
+      ValueError: an argument out of range or NaN; the message names it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_warmup as ow
+      >>> tx = ow.lars(1.0, weight_decay=0.0, trust_coefficient=0.01)
+      >>> params = {"kernel": jnp.full((2, 2), 3.0), "bias": jnp.ones(2)}
+      >>> grads = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> float(updates["kernel"][0, 0]), float(updates["bias"][0])  # −0.01·6/2, −1
+      (-0.029999999329447746, -1.0)
+
+    References:
+      You, Gitman, Ginsburg 2017, Large Batch Training of Convolutional Networks,
+      arXiv:1708.03888; Goyal et al. 2017, arXiv:1706.02677, section 2.3.
+    """
+    _check_momentum(momentum)
+    check_real("trust_coefficient", trust_coefficient, low=0.0, low_open=True)
+    check_real("eps", eps, low=0.0)
+    return _recipe(
+        _lars_parts,
+        learning_rate,
+        weight_decay,
+        mask,
+        stacked,
+        momentum=momentum,
+        nesterov=nesterov,
+        trust_coefficient=trust_coefficient,
+        eps=eps,
+        momentum_correction=momentum_correction,
+    )
+
+
+def lamb(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: optax.ScalarOrSchedule = 0.01,
+    mask: MaskOrFn | None = decay_mask,
+    stacked: Stacked | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """LAMB with weight decay and the trust ratio on kernels only.
+
+    With Adam's bias-corrected moments ``m̂``, ``v̂`` of the gradient, per leaf ``w``::
+
+      r ← m̂ / (sqrt(v̂) + eps)
+      r ← r + λ·w,  r ← ‖w‖ / ‖r‖ · r     only where mask(w); ratio 1 if a norm is 0
+      w ← w − η(t)·r
+
+    so BatchNorm γ, β and biases get a plain Adam step at the global rate. It is
+    ``optax.chain(optax.scale_by_adam(b1, b2, eps), optax.add_decayed_weights(λ,
+    mask), optax.masked(optax.scale_by_trust_ratio(), mask),
+    optax.scale_by_learning_rate(η))``, which ``optax.lamb`` cannot express: its
+    trust ratio has no mask. Norms are per layer for leaves that ``stacked``
+    declares stacked.
+
+    Args:
+      learning_rate: η, a number >= 0 or a schedule.
+      b1: Adam's first-moment decay, in [0, 1).
+      b2: Adam's second-moment decay, in [0, 1).
+      eps: Adam's epsilon, >= 0 (1e-6 in You et al.).
+      weight_decay: λ, a number >= 0 or a schedule (0.01 in You et al.).
+      mask: which leaves get decay and trust ratio: ``decay_mask`` (default), a
+        function, a tree of bools, or None for all.
+      stacked: stacked layers, for the per-layer norms and the default mask.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Raises:
+      ValueError: an argument out of range or NaN; the message names it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_warmup as ow
+      >>> tx = ow.lamb(0.1, weight_decay=0.0)
+      >>> params = {"kernel": jnp.full((2, 2), 3.0), "bias": jnp.ones(2)}
+      >>> grads = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> round(float(updates["kernel"][0, 0]), 4), round(float(updates["bias"][0]), 4)
+      (-0.3, -0.1)
+
+    References:
+      You et al. 2019, Large Batch Optimization for Deep Learning: Training BERT in
+      76 minutes, arXiv:1904.00962.
+    """
+    _check_betas(b1, b2, eps)
+    return _recipe(
+        _lamb_parts, learning_rate, weight_decay, mask, stacked, b1=b1, b2=b2, eps=eps
+    )
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: MaskOrFn | None = decay_mask,
+    stacked: Stacked | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW with decoupled weight decay on kernels only.
+
+    ``w ← w − η(t)·(m̂ / (sqrt(v̂) + eps) + λ·w)``, the ``λ·w`` term only where
+    mask(w): ``optax.adamw(η, b1, b2, eps, weight_decay=λ, mask=mask)`` with
+    ``decay_mask`` as the default mask (optax's default decays every leaf). The
+    decay is multiplied by the rate, as in optax and PyTorch.
+
+    Args:
+      learning_rate: η, a number >= 0 or a schedule.
+      b1: Adam's first-moment decay, in [0, 1).
+      b2: Adam's second-moment decay, in [0, 1).
+      eps: Adam's epsilon, >= 0.
+      weight_decay: λ, a number >= 0 or a schedule.
+      mask: which leaves are decayed: ``decay_mask`` (default), a function, a tree
+        of bools, or None for all.
+      stacked: stacked layers for the default mask (see ``decay_mask``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Raises:
+      ValueError: an argument out of range or NaN; the message names it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_warmup as ow
+      >>> tx = ow.adamw(0.1, weight_decay=0.5)
+      >>> params = {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.ones(2)}
+      >>> grads = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> round(float(updates["kernel"][0, 0]), 4), round(float(updates["bias"][0]), 4)
+      (-0.2, -0.1)
+
+    References:
+      Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization,
+      arXiv:1711.05101.
+    """
+    _check_betas(b1, b2, eps)
+    return _recipe(
+        _adamw_parts, learning_rate, weight_decay, mask, stacked, b1=b1, b2=b2, eps=eps
+    )
 
 
 def goyal_sgd(
     batch_size: int,
     steps_per_epoch: int,
     *,
-    base_lr: float = 0.1,
-    base_batch_size: int = 256,
     momentum: float = 0.9,
     nesterov: bool = False,
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: MaskOrFn | None = decay_mask,
-    warmup_epochs: float = 5,
-    milestones: Sequence[float] = (30, 60, 80),
-    warmup: Literal["gradual", "constant", "none"] = "gradual",
+    **schedule_args: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """SGD with momentum as Goyal et al. trained ResNet-50 with minibatches of 8k.
 
-    Per step ``t``, for each parameter ``w`` with gradient ``g``::
-
-      g ← g + λ·w          only where mask(w) (not BatchNorm γ, β nor biases)
-      v ← m·v + g
-      w ← w − η(t)·v       η = goyal_schedule(batch_size, steps_per_epoch, ...)
-
-    where ``η(t)`` follows the linear scaling rule (``base_lr · batch_size /
-    base_batch_size``), a gradual warmup over ``warmup_epochs`` and a division by 10
-    at each of ``milestones`` (epochs). It is::
-
-      optax.chain(
-          ow.masked_weight_decay(weight_decay, mask),
-          optax.inject_hyperparams(optax.sgd)(
-              learning_rate=ow.goyal_schedule(...),
-              momentum=momentum, nesterov=nesterov))
-
-    with updates cast back to their own dtype (bf16 stays bf16; optax's
-    ``inject_hyperparams`` alone returns float32), so ``ow.current_lr(state)`` reads
-    the rate and a checkpoint of the state resumes exactly.
-
-    optax's SGD keeps ``v`` free of the learning rate (``w ← w − η·v``), the second
-    form of Goyal et al.'s section 2.3: when ``η`` changes (warmup, milestones) no
-    momentum correction ``η(t+1)/η(t)`` is needed, unlike the form ``u ← m·u +
-    η·g``, ``w ← w − u`` that the paper's correction is for.
+    ``ow.sgd(ow.goyal_schedule(batch_size, steps_per_epoch, **schedule_args),
+    momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, mask=mask)``:
+    the linear scaling rule (``base_lr · batch_size / base_batch_size``), a gradual
+    warmup over ``warmup_epochs``, × ``decay_factor`` at each of ``milestones``
+    (epochs), and L2 weight decay on kernels only. Every keyword argument of
+    ``goyal_schedule`` (``base_lr``, ``base_batch_size``, ``warmup_epochs``,
+    ``milestones``, ``decay_factor``, ``warmup``) is passed to it, with its
+    defaults; ``help(ow.goyal_sgd)`` shows them in the signature.
 
     The schedule counts optimizer updates: under ``optax.MultiSteps(tx, k)`` it
     advances once every ``k`` micro-batches, so give ``batch_size`` as the batch of
     one update (``k`` micro-batches) and ``steps_per_epoch`` in updates.
 
     Edge cases: the first update uses ``base_lr`` (``warmup="gradual"``), the update
-    of count ``warmup_epochs · steps_per_epoch`` the full rate; ``momentum=0`` is
-    plain SGD; ``weight_decay=0`` turns the decay off.
+    of count ``warmup_epochs · steps_per_epoch`` the full rate.
 
     Args:
       batch_size: the global minibatch size kn of one update (> 0).
       steps_per_epoch: optimizer updates per epoch (an integer > 0).
-      base_lr: the rate tuned for ``base_batch_size`` (0.1 for 256 in the paper).
-      base_batch_size: the batch size ``base_lr`` belongs to.
       momentum: m, in [0, 1).
       nesterov: Nesterov momentum.
       weight_decay: λ, a number >= 0 or a schedule (1e-4 in the paper).
-      mask: which leaves are decayed: ``decay_mask`` (default), a function, a tree
-        of bools, or None for all (see ``masked_weight_decay``).
-      warmup_epochs: length of the warmup in epochs (may be fractional).
-      milestones: epochs at which the rate is divided by 10.
-      warmup: ``"gradual"``, ``"constant"`` or ``"none"``.
+      mask: which leaves are decayed (see ``sgd``).
+      **schedule_args: the keyword arguments of ``goyal_schedule``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
     Raises:
-      ValueError: ``momentum`` outside [0, 1), ``weight_decay`` negative or NaN, or
-        any argument that ``goyal_schedule`` rejects; the message names it.
+      ValueError: any argument that ``sgd`` or ``goyal_schedule`` rejects.
+      TypeError: a keyword argument that neither takes.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -97,25 +454,28 @@ def goyal_sgd(
 
     References:
       Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
-      arXiv:1706.02677, sections 2, 3 and 5.1; He et al. 2019, Bag of Tricks for
-      Image Classification with Convolutional Neural Networks, arXiv:1812.01187,
-      section 3.1 (no bias decay).
+      arXiv:1706.02677, sections 2, 3 and 5.1.
     """
-    check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
-    schedule = goyal_schedule(
-        batch_size,
-        steps_per_epoch,
-        base_lr=base_lr,
-        base_batch_size=base_batch_size,
-        warmup_epochs=warmup_epochs,
-        milestones=milestones,
-        warmup=warmup,
+    schedule = goyal_schedule(batch_size, steps_per_epoch, **schedule_args)
+    return sgd(
+        schedule,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        mask=mask,
     )
-    return optax.chain(
-        masked_weight_decay(weight_decay, mask),
-        keep_update_dtype(
-            optax.inject_hyperparams(optax.sgd)(
-                learning_rate=schedule, momentum=momentum, nesterov=nesterov
-            )
-        ),
-    )
+
+
+def _with_schedule_signature(recipe: Callable[..., Any]) -> None:
+    """Shows ``goyal_schedule``'s keyword arguments in ``recipe``'s signature."""
+    own = inspect.signature(recipe)
+    keywords = [
+        p
+        for p in inspect.signature(goyal_schedule).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    parameters = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    recipe.__signature__ = own.replace(parameters=[*parameters, *keywords])  # type: ignore[attr-defined]
+
+
+_with_schedule_signature(goyal_sgd)

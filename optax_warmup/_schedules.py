@@ -12,44 +12,35 @@ can move by a few steps out of millions).
 from __future__ import annotations
 
 import itertools
+import typing
 from collections.abc import Sequence
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from optax_warmup._validation import check_choice, check_int, check_real
+from optax_warmup._schedule_parts import (
+    DECAY_SHAPES,
+    TIMES,
+    WARMUP_SHAPES,
+    DecayShape,
+    Time,
+    WarmupShape,
+    as_schedule,
+    decay_piece,
+    f32,
+    join,
+    warmup_piece,
+)
+from optax_warmup._validation import check_choice, check_int, check_real, is_traced
 
-WarmupShape = Literal["linear", "constant", "exponential", "cosine"]
-_SHAPES = ("linear", "constant", "exponential", "cosine")
-_TIMES = ("relative", "absolute")
-_GOYAL_WARMUPS = ("gradual", "constant", "none")
-_UNTUNED_SHAPES = ("linear", "exponential")
-
-
-def _f32(x: ArrayLike) -> jax.Array:
-    return jnp.asarray(x, jnp.float32)
-
-
-def _as_schedule(after: optax.ScalarOrSchedule) -> optax.Schedule:
-    if callable(after):
-        return after
-    check_real("after", after, low=0.0)
-    value = _f32(after)
-    return lambda step: value
-
-
-def _ramp(shape: str, init: jax.Array, peak: jax.Array, frac: jax.Array) -> jax.Array:
-    """Rise from ``init`` (frac = 0) to ``peak`` (frac = 1) along ``shape``."""
-    if shape == "linear":
-        return init + (peak - init) * frac
-    if shape == "cosine":
-        return init + (peak - init) * 0.5 * (1.0 - jnp.cos(jnp.pi * frac))
-    if shape == "exponential":
-        return init * (peak / init) ** frac
-    return init  # "constant"
+GoyalWarmup = Literal["gradual", "constant", "none"]
+UntunedShape = Literal["linear", "exponential"]
+_GOYAL_WARMUPS: tuple[str, ...] = typing.get_args(GoyalWarmup)
+_UNTUNED_SHAPES: tuple[str, ...] = typing.get_args(UntunedShape)
 
 
 def linear_scaling_rule(
@@ -89,7 +80,7 @@ def warmup_schedule(
     *,
     init_value: ArrayLike = 0.0,
     shape: WarmupShape = "linear",
-    time: Literal["relative", "absolute"] = "relative",
+    time: Time = "relative",
 ) -> optax.Schedule:
     """Puts a warmup of ``warmup_steps`` steps in front of any schedule or constant.
 
@@ -101,7 +92,9 @@ def warmup_schedule(
     - ``"constant"`` (Goyal's constant warmup): ``init``, then a jump to ``after``;
     - ``"exponential"``: ``init * (peak / init) ** f``, a straight line in log scale
       (needs ``init_value > 0``; a peak <= 0 gives NaN);
-    - ``"cosine"``: ``init + (peak - init) * (1 - cos(π f)) / 2``.
+    - ``"cosine"``: ``init + (peak - init) * (1 - cos(π f)) / 2``;
+    - ``"1-sqrt"``: ``init + (peak - init) * (1 - sqrt(1 - f))``, the mirror image of
+      the 1-sqrt cooldown of ``wsd_schedule``.
 
     Step ``t >= W`` gives ``after(t - W)`` with ``time="relative"`` (optax's
     ``join_schedules`` convention: ``after`` starts afresh at the hand-off) or
@@ -123,7 +116,8 @@ def warmup_schedule(
       after: the schedule (``step -> value``) or constant that follows the warmup.
       warmup_steps: W, the number of warmup steps (an integer >= 0).
       init_value: the value at step 0 (finite, >= 0; > 0 for ``"exponential"``).
-      shape: ``"linear"``, ``"constant"``, ``"exponential"`` or ``"cosine"``.
+      shape: ``"linear"``, ``"constant"``, ``"exponential"``, ``"cosine"`` or
+        ``"1-sqrt"``.
       time: ``"relative"`` or ``"absolute"``: the step that ``after`` sees.
 
     Returns:
@@ -141,41 +135,16 @@ def warmup_schedule(
       arXiv:1706.02677, section 2.2.
     """
     check_int("warmup_steps", warmup_steps)
-    check_choice("shape", shape, _SHAPES)
-    check_choice("time", time, _TIMES)
+    check_choice("shape", shape, WARMUP_SHAPES)
+    check_choice("time", time, TIMES)
     if shape == "exponential":
         check_real("init_value", init_value, low=0.0, low_open=True)
     else:
         check_real("init_value", init_value, low=0.0)
-    return _warmup(_as_schedule(after), warmup_steps, init_value, shape, time)
-
-
-def _warmup(
-    after_fn: optax.Schedule,
-    warmup_steps: ArrayLike,
-    init_value: ArrayLike,
-    shape: str,
-    time: str,
-    peak: ArrayLike | None = None,
-) -> optax.Schedule:
-    """``warmup_schedule`` without the checks; ``peak`` defaults to the hand-off."""
-
-    def schedule(step: ArrayLike) -> jax.Array:
-        t = jnp.maximum(_f32(step), 0.0)
-        w = _f32(warmup_steps)
-        init = _f32(init_value)
-        # 1) warmup: t < W rises from init to the peak, the value at the hand-off.
-        if peak is not None:
-            top = _f32(peak)
-        else:
-            top = _f32(after_fn(0) if time == "relative" else after_fn(w))
-        frac = jnp.clip(t / jnp.maximum(w, 1.0), 0.0, 1.0)
-        warm = _ramp(shape, init, top, frac)
-        # 2) after: t >= W; the argument is clamped so after never sees t < 0.
-        after_step = jnp.maximum(t - w, 0.0) if time == "relative" else t
-        return jnp.where(t < w, warm, _f32(after_fn(after_step)))
-
-    return schedule
+    after_fn = as_schedule("after", after)
+    peak = after_fn(0) if time == "relative" else after_fn(f32(warmup_steps))
+    warm = warmup_piece(shape, init_value, peak, warmup_steps)
+    return join([warm, after_fn], [warmup_steps], time)
 
 
 def gradual_warmup_schedule(
@@ -222,10 +191,83 @@ def gradual_warmup_schedule(
     check_real("base_lr", base_lr, low=0.0)
     check_real("multiplier", multiplier, low=1.0)
     check_int("warmup_steps", warmup_steps)
-    peak = _f32(base_lr) * _f32(multiplier)
-    init = jnp.where(_f32(multiplier) == 1.0, 0.0, _f32(base_lr))
+    peak = f32(base_lr) * f32(multiplier)
+    init = jnp.where(f32(multiplier) == 1.0, 0.0, f32(base_lr))
     after_fn = (lambda step: peak) if after is None else after
-    return _warmup(after_fn, warmup_steps, init, "linear", "relative", peak=peak)
+    warm = warmup_piece("linear", init, peak, warmup_steps)
+    return join([warm, after_fn], [warmup_steps], "relative")
+
+
+def step_decay_schedule(
+    init_value: ArrayLike,
+    boundaries: Sequence[ArrayLike],
+    factor: ArrayLike | Sequence[ArrayLike] = 0.1,
+) -> optax.Schedule:
+    """A piecewise-constant decay: ``init_value``, times ``factor`` at each boundary.
+
+    Step ``t`` gives ``init_value * Π_{i : t >= boundaries[i]} factor_i`` (one
+    ``factor`` for every boundary, or one per boundary), so with the default
+    ``init · 0.1^k`` after the k-th boundary: the step decay of Goyal et al. (×0.1 at
+    epochs 30, 60 and 80) and of torch's ``MultiStepLR``.
+
+    Unlike ``optax.piecewise_constant_schedule``, which compares the step with its
+    boundaries in the step's own dtype, this casts the step to float32 first: the
+    uint32 ``nnx.Optimizer.step`` gets the decayed value, not the undecayed one.
+
+    Edge cases: no boundaries is the constant ``init_value``; a boundary at 0 decays
+    from the first step; a non-integer boundary ``b`` takes effect at step
+    ``ceil(b)``; negative steps count as step 0.
+
+    Args:
+      init_value: the value before the first boundary (finite, >= 0).
+      boundaries: steps at which the value is multiplied, strictly increasing, >= 0.
+      factor: the multiplier at every boundary, or a sequence with one multiplier
+        per boundary; each finite and >= 0.
+
+    Returns:
+      A schedule ``step -> float32 scalar``.
+
+    Raises:
+      ValueError: ``boundaries`` not increasing or negative, a ``factor`` negative,
+        NaN or infinite, or as many factors as boundaries not given.
+
+    Example:
+      >>> import optax_warmup as ow
+      >>> schedule = ow.step_decay_schedule(1.0, boundaries=[30, 60, 80])
+      >>> [round(float(schedule(t)), 4) for t in (0, 29, 30, 60, 80, 10**6)]
+      [1.0, 1.0, 0.1, 0.01, 0.001, 0.001]
+
+    References:
+      Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
+      arXiv:1706.02677, section 5.1.
+    """
+    check_real("init_value", init_value, low=0.0)
+    for b in boundaries:
+        check_real("boundaries", b, low=0.0)
+    steps = tuple(float(np.asarray(b)) for b in boundaries)
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise ValueError(f"boundaries must be strictly increasing, got {steps}")
+    if isinstance(factor, Sequence):
+        factors = tuple(factor)
+        if len(factors) != len(steps):
+            raise ValueError(
+                f"factor must be one number or one per boundary, got {len(factors)} "
+                f"factors for {len(steps)} boundaries"
+            )
+    else:
+        factors = (factor,) * len(steps)
+    for f in factors:
+        check_real("factor", f, low=0.0)
+    # Each level rounded to float32 once, from a float64 product, when the values
+    # are concrete; traced ones multiply in float32.
+    values = [init_value, *factors]
+    exact = not any(is_traced(v) for v in values)
+    level: ArrayLike = np.asarray(init_value, np.float64) if exact else f32(init_value)
+    levels = [f32(level)]
+    for f in factors:
+        level = level * (np.asarray(f, np.float64) if exact else f32(f))
+        levels.append(f32(level))
+    return join([lambda t, v=v: v for v in levels], steps, "absolute")
 
 
 def goyal_schedule(
@@ -237,7 +279,7 @@ def goyal_schedule(
     warmup_epochs: float = 5,
     milestones: Sequence[float] = (30, 60, 80),
     decay_factor: float = 0.1,
-    warmup: Literal["gradual", "constant", "none"] = "gradual",
+    warmup: GoyalWarmup = "gradual",
 ) -> optax.Schedule:
     """Goyal et al.'s ImageNet schedule, per iteration.
 
@@ -247,7 +289,8 @@ def goyal_schedule(
 
     1) warmup, ``t < W``: ``"gradual"``: ``base_lr + (peak - base_lr) * t / W``;
        ``"constant"``: ``base_lr``; ``"none"``: no warmup (``W = 0``);
-    2) after: ``peak * decay_factor ** #{i : t >= M_i}``, at absolute epochs.
+    2) after: ``peak * decay_factor ** #{i : t >= M_i}``, at absolute epochs
+       (``step_decay_schedule(peak, M, decay_factor)``).
 
     Step 0 gives ``base_lr`` (``peak`` with ``"none"``), step ``W`` gives ``peak``, and
     the first step of epoch 30 gives ``peak * 0.1``. The count is the optimizer's:
@@ -293,24 +336,118 @@ def goyal_schedule(
             f"milestones must come after the warmup ({warmup_end} epochs), "
             f"got {milestones}"
         )
-    warmup_steps = round(warmup_end * steps_per_epoch)
-    boundaries = _f32([m * steps_per_epoch for m in milestones])
-    levels = _f32([peak * decay_factor**i for i in range(len(milestones) + 1)])
-
-    def decayed(step: jax.Array) -> jax.Array:
-        return levels[jnp.sum(step >= boundaries, dtype=jnp.int32)]
-
+    decayed = step_decay_schedule(
+        peak, [m * steps_per_epoch for m in milestones], decay_factor
+    )
     return warmup_schedule(
         decayed,
-        warmup_steps,
+        round(warmup_end * steps_per_epoch),
         init_value=base_lr,
         shape="constant" if warmup == "constant" else "linear",
         time="absolute",
     )
 
 
+def wsd_schedule(
+    peak_value: ArrayLike,
+    *,
+    warmup_steps: ArrayLike,
+    stable_steps: ArrayLike,
+    decay_steps: ArrayLike,
+    init_value: ArrayLike = 0.0,
+    end_value: ArrayLike = 0.0,
+    warmup_shape: WarmupShape = "linear",
+    decay_shape: DecayShape = "1-sqrt",
+) -> optax.Schedule:
+    """Warmup–stable–decay: a warmup, a long constant phase, then a short cooldown.
+
+    With ``W``, ``S``, ``D`` the three lengths and ``p = (t - W - S) / D`` the
+    fraction of the cooldown done, step ``t`` gives:
+
+    1) warmup, ``t < W``: ``warmup_schedule``'s ramp from ``init_value`` to
+       ``peak_value`` along ``warmup_shape``;
+    2) stable, ``W <= t < W + S``: ``peak_value``;
+    3) decay, ``W + S <= t < W + S + D``: ``end + (peak - end) * d(p)`` with
+       ``d(p) = 1 - sqrt(p)`` (``"1-sqrt"``, the best cooldown of Hägele et al.),
+       ``1 - p`` (``"linear"``), ``(1 + cos(π p)) / 2`` (``"cosine"``), or
+       ``end * (peak / end) ** (1 - p)`` (``"exponential"``, needs ``end_value > 0``);
+    4) after, ``t >= W + S + D``: ``end_value``.
+
+    With ``init_value = end_value`` (0 for both by default) it equals, step for step,
+    HF transformers' ``get_wsd_schedule(num_warmup_steps=W, num_stable_steps=S,
+    num_decay_steps=D, min_lr_ratio=end_value / peak_value, warmup_type=...,
+    decay_type=...)`` times ``peak_value``: HF's warmup starts at
+    ``min_lr_ratio · peak``. The stable phase keeps the run open-ended: a cooldown
+    can start from any checkpoint of it.
+
+    Edge cases: any of the three lengths may be 0 (its phase is skipped; ``D = 0``
+    jumps from ``peak_value`` to ``end_value``); step 0 gives ``init_value`` when
+    ``W > 0``; negative steps count as step 0. All values and lengths may be traced
+    (``jax.vmap`` over peaks or lengths); traced values are not checked.
+
+    Args:
+      peak_value: the value of the stable phase (finite, >= 0).
+      warmup_steps: W, an integer >= 0.
+      stable_steps: S, an integer >= 0.
+      decay_steps: D, an integer >= 0.
+      init_value: the value at step 0 (>= 0; > 0 for an exponential warmup).
+      end_value: the value at the end of the decay and after it, in
+        ``[0, peak_value]`` (> 0 for an exponential decay).
+      warmup_shape: a shape of ``warmup_schedule``: ``"linear"`` (default),
+        ``"constant"``, ``"exponential"``, ``"cosine"`` or ``"1-sqrt"``.
+      decay_shape: ``"1-sqrt"`` (default), ``"linear"``, ``"cosine"`` or
+        ``"exponential"``.
+
+    Returns:
+      A schedule ``step -> float32 scalar``.
+
+    Raises:
+      ValueError: a negative or non-integer length, a negative or non-finite value,
+        ``end_value > peak_value``, or an unknown shape; the message names it.
+
+    Example:
+      >>> import optax_warmup as ow
+      >>> schedule = ow.wsd_schedule(1.0, warmup_steps=10, stable_steps=80,
+      ...                            decay_steps=10)
+      >>> [round(float(schedule(t)), 3) for t in (0, 5, 10, 89, 90, 95, 100)]
+      [0.0, 0.5, 1.0, 1.0, 1.0, 0.293, 0.0]
+
+    References:
+      Hu et al. 2024, MiniCPM: Unveiling the Potential of Small Language Models with
+      Scalable Training Strategies, arXiv:2404.06395; Hägele et al. 2024, Scaling
+      Laws and Compute-Optimal Training Beyond Fixed Training Durations,
+      arXiv:2405.18392.
+    """
+    check_real("peak_value", peak_value, low=0.0)
+    for name, steps in (
+        ("warmup_steps", warmup_steps),
+        ("stable_steps", stable_steps),
+        ("decay_steps", decay_steps),
+    ):
+        check_int(name, steps)
+    check_choice("warmup_shape", warmup_shape, WARMUP_SHAPES)
+    check_choice("decay_shape", decay_shape, DECAY_SHAPES)
+    positive = warmup_shape == "exponential"
+    check_real("init_value", init_value, low=0.0, low_open=positive)
+    positive = decay_shape == "exponential"
+    check_real("end_value", end_value, low=0.0, low_open=positive)
+    concrete = not (is_traced(peak_value) or is_traced(end_value))
+    if concrete and np.asarray(end_value, float) > np.asarray(peak_value, float):
+        raise ValueError(
+            f"end_value must be <= peak_value={peak_value!r}, got {end_value!r}"
+        )
+    w, s, d = f32(warmup_steps), f32(stable_steps), f32(decay_steps)
+    pieces = [
+        warmup_piece(warmup_shape, init_value, peak_value, w),
+        lambda t: f32(peak_value),
+        decay_piece(decay_shape, peak_value, end_value, d),
+        lambda t: f32(end_value),
+    ]
+    return join(pieces, [w, w + s, w + s + d], "relative")
+
+
 def untuned_warmup_schedule(
-    b2: float = 0.999, shape: Literal["linear", "exponential"] = "linear"
+    b2: float = 0.999, shape: UntunedShape = "linear"
 ) -> optax.Schedule:
     """The untuned warmup factor for Adam of Ma & Yarats 2019, in (0, 1].
 
@@ -342,10 +479,10 @@ def untuned_warmup_schedule(
     check_real("b2", b2, low=0.0, high=1.0, low_open=True, high_open=True)
     check_choice("shape", shape, _UNTUNED_SHAPES)
 
-    one_minus_b2 = _f32(1.0 - b2)  # in float64 first when b2 is a Python float
+    one_minus_b2 = f32(1.0 - b2)  # in float64 first when b2 is a Python float
 
     def schedule(step: ArrayLike) -> jax.Array:
-        n = jnp.maximum(_f32(step), 0.0) + 1.0
+        n = jnp.maximum(f32(step), 0.0) + 1.0
         if shape == "linear":
             return jnp.minimum(1.0, n * one_minus_b2 / 2.0)
         return -jnp.expm1(-n * one_minus_b2)

@@ -12,8 +12,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+import optax.contrib
+from jax.typing import ArrayLike
 
-from optax_warmup._schedules import WarmupShape, warmup_schedule
+from optax_warmup._plateau import PlateauAfterWarmupState
+from optax_warmup._schedule_parts import WarmupShape
+from optax_warmup._schedules import warmup_schedule
 from optax_warmup._tree_paths import flatten, unwrap
 from optax_warmup._validation import check_real
 
@@ -21,7 +25,7 @@ from optax_warmup._validation import check_real
 class ScaleByWarmupState(NamedTuple):
     """State of ``scale_by_warmup``."""
 
-    count: jax.Array  # int32 scalar: the number of updates so far.
+    count: jax.Array  # type: ignore[assignment]  # int32 scalar: updates so far.
     factor: jax.Array  # float32 scalar: the factor of the most recent update.
 
 
@@ -49,6 +53,55 @@ def keep_update_dtype(
         return jax.tree.map(_cast_like, new_updates, updates), new_state
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+class RateTraceState(NamedTuple):
+    """State of ``scale_and_trace``."""
+
+    trace: optax.Updates  # u: the velocity, learning rate included.
+    learning_rate: jax.Array  # float32 scalar: the rate of the most recent update.
+
+
+def scale_and_trace(
+    learning_rate: ArrayLike,
+    momentum: ArrayLike,
+    nesterov: bool = False,
+    momentum_correction: bool = False,
+) -> optax.GradientTransformation:
+    """Momentum with the rate inside the velocity: ``u ← m·c·u − η·g``, update ``u``.
+
+    This is ``optax.chain(optax.scale_by_learning_rate(η), optax.trace(m, nesterov))``
+    (the form of ``optax.lars``) when ``momentum_correction`` is False (``c = 1``).
+    With it, ``c = η_t / η_{t-1}``, Goyal et al.'s momentum correction (their
+    eq. 10): when the rate changes, the velocity is rescaled with it, so a ×0.1
+    milestone shrinks the very next update tenfold. ``c = 1`` at the first update
+    and wherever the previous rate was 0. Nesterov's update is ``m·c·u_new − η·g``.
+    """
+
+    def init_fn(params: optax.Params) -> RateTraceState:
+        trace = jax.tree.map(jnp.zeros_like, params)
+        return RateTraceState(trace, jnp.zeros([], jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        lr = jnp.asarray(learning_rate)
+        decay = momentum
+        if momentum_correction:
+            previous = state.learning_rate
+            ratio = jnp.where(
+                previous > 0, lr / jnp.where(previous > 0, previous, 1), 1
+            )
+            decay = momentum * ratio
+        scaled = jax.tree.map(lambda g: g * -lr, updates)
+        trace = jax.tree.map(lambda g, t: g + decay * t, scaled, state.trace)
+        if nesterov:
+            out = jax.tree.map(lambda g, t: g + decay * t, scaled, trace)
+        else:
+            out = trace
+        trace = jax.tree.map(lambda t, old: t.astype(old.dtype), trace, state.trace)
+        return out, RateTraceState(trace, lr.astype(jnp.float32))
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def scale_by_warmup(
@@ -146,17 +199,27 @@ def scale_by_warmup(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+# The states that current_lr reads: where inject_hyperparams keeps the rate, and the
+# factors that scale_by_warmup and the plateau transformations multiply it by.
+_INJECTED = (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)
+_SCALES = (PlateauAfterWarmupState, optax.contrib.ReduceLROnPlateauState)
+_READ = (*_INJECTED, ScaleByWarmupState, *_SCALES)
+
+
 def current_lr(opt_state: Any) -> jax.Array:
     """The learning rate that the most recent update used, read from the state.
 
     Looks through any nesting of optax states (``optax.chain``, ``optax.MultiSteps``,
     ``optax.masked``, the ``opt_state`` of ``nnx.Optimizer`` with its
     ``OptArray`` wrappers, a ``TrainState`` or an ``nnx.Optimizer`` itself) for the
-    ``learning_rate`` that ``optax.inject_hyperparams`` stores, and multiplies in
-    the factor of each ``scale_by_warmup`` found. ``optax.tree.get(state,
-    "learning_rate")`` raises "Found multiple values" on such a state, since the
-    schedule's own state is also keyed ``learning_rate``; this reads only the
-    injected value.
+    state in which ``optax.inject_hyperparams`` keeps its hyperparameters, where
+    every recipe of this library writes its rate, and reads its
+    ``learning_rate``; then multiplies in the factor of each ``scale_by_warmup``
+    and the scale of each ``reduce_on_plateau_after`` (or optax's
+    ``contrib.reduce_on_plateau``) found. States are found by their type, not by
+    key: ``optax.tree.get(state, "learning_rate")`` raises "Found multiple values"
+    on such a state, since the schedule's own state is also keyed
+    ``learning_rate``.
 
     Edge cases: right after ``init`` it is the rate the first update will use; under
     ``optax.MultiSteps`` it changes only on the micro-batch that applies an update.
@@ -190,13 +253,16 @@ def current_lr(opt_state: Any) -> jax.Array:
     """
     if not isinstance(opt_state, tuple) and hasattr(opt_state, "opt_state"):
         opt_state = opt_state.opt_state
-    leaves, _ = flatten(opt_state, is_leaf=lambda x: isinstance(x, ScaleByWarmupState))
+    leaves, _ = flatten(opt_state, is_leaf=lambda x: isinstance(x, _READ))
     rates, factors = [], []
     for path, leaf in leaves:
-        if isinstance(leaf, ScaleByWarmupState):
+        if isinstance(leaf, _INJECTED):
+            if "learning_rate" in leaf.hyperparams:
+                rates.append((path, unwrap(leaf.hyperparams["learning_rate"])))
+        elif isinstance(leaf, ScaleByWarmupState):
             factors.append(unwrap(leaf.factor))
-        elif path.split("/")[-2:] == ["hyperparams", "learning_rate"]:
-            rates.append((path, leaf))
+        elif isinstance(leaf, _SCALES):
+            factors.append(unwrap(leaf.scale))
     if not rates:
         raise ValueError(
             "current_lr found no learning rate in opt_state: build the optimizer "

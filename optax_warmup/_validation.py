@@ -13,6 +13,7 @@ import numbers
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -28,8 +29,8 @@ def _as_float(name: str, value: Any) -> float:
         array = np.asarray(value)
     except Exception as error:  # e.g. an object numpy cannot convert
         raise TypeError(f"{name} must be a number, got {value!r}") from error
-    if array.ndim != 0 or not (
-        np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
+    if array.ndim != 0 or not (  # jnp's view of dtypes includes bfloat16
+        jnp.issubdtype(array.dtype, jnp.number) or array.dtype == np.bool_
     ):
         raise TypeError(f"{name} must be a scalar number, got {value!r}")
     return float(array)

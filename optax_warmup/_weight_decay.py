@@ -9,6 +9,7 @@ tree optax hands it, so the ``Param``-wrapped tree that ``nnx.Optimizer`` gives 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -18,16 +19,12 @@ import jax
 import numpy as np
 import optax
 
+from optax_warmup._stacked_layers import Stacked, describe_shape, layer_axes, leaf_shape
 from optax_warmup._transforms import keep_update_dtype
 from optax_warmup._tree_paths import flatten
 from optax_warmup._validation import check_real, is_traced
 
 MaskOrFn = Any | Callable[[optax.Params], Any]
-
-
-def _ndim(x: Any) -> int:
-    shape = getattr(x, "shape", None)
-    return len(shape) if shape is not None else np.ndim(x)
 
 
 def _compile(name: str, patterns: str | Iterable[str]) -> list[re.Pattern[str]]:
@@ -46,22 +43,76 @@ def _compile(name: str, patterns: str | Iterable[str]) -> list[re.Pattern[str]]:
     return compiled
 
 
+# Leaf names that flax's own layers give to biases (Linear, Conv, Einsum, attention's
+# projections) and to normalisation parameters (LayerNorm, RMSNorm, BatchNorm,
+# GroupNorm), in nnx and linen alike.
+NO_DECAY_NAMES = ("bias", "scale")
+
+
+def _decisions(
+    params: optax.Params,
+    exclude: str | Iterable[str] = (),
+    include: str | Iterable[str] = (),
+    stacked: Stacked | None = None,
+) -> tuple[list[tuple[str, Any, int, bool, str]], Any]:
+    """Per leaf: (path, leaf, stacked axes, decayed, the rule that decided)."""
+    exclude_res = _compile("exclude", exclude)
+    include_res = _compile("include", include)
+    leaves, treedef = flatten(params)
+    paths = [path for path, _ in leaves]
+    for name, regexes in (("exclude", exclude_res), ("include", include_res)):
+        for regex in regexes:
+            if not any(regex.search(path) for path in paths):
+                raise ValueError(
+                    f"{name} pattern {regex.pattern!r} matches no parameter path "
+                    f"(paths look like {paths[:3]!r})"
+                )
+    rows = []
+    for (path, leaf), layers in zip(leaves, layer_axes(leaves, stacked), strict=True):
+        rank = len(leaf_shape(leaf)) - layers
+        if path.rsplit("/", 1)[-1] in NO_DECAY_NAMES:  # 1) name
+            decayed, why = False, "bias or norm"
+        else:  # 2) rank of one layer
+            decayed, why = rank >= 2, f"rank {rank}"
+        if any(regex.search(path) for regex in exclude_res):  # 3) exclude
+            decayed, why = False, "exclude"
+        if any(regex.search(path) for regex in include_res):  # 4) include
+            decayed, why = True, "include"
+        rows.append((path, leaf, layers, decayed, why))
+    return rows, treedef
+
+
 def decay_mask(
     params: optax.Params,
     *,
     exclude: str | Iterable[str] = (),
     include: str | Iterable[str] = (),
+    stacked: Stacked | None = None,
 ) -> Any:
     """Which parameters get weight decay: kernels yes, norm parameters and biases no.
 
-    Each leaf is decided in three rules, later rules winning:
+    Each leaf is decided in four rules, later rules winning:
 
-    1) rank: ``True`` (decayed) when ``ndim >= 2`` (conv and dense kernels,
-       embeddings), ``False`` when ``ndim <= 1`` (BatchNorm and LayerNorm scale and
-       bias, all biases): Goyal et al.'s "no weight decay on BN γ and β" and He et
-       al.'s "no bias decay";
-    2) ``exclude``: ``False`` when the leaf's path matches one of these patterns;
-    3) ``include``: ``True`` when the leaf's path matches one of these patterns.
+    1) name: ``False`` (not decayed) for a leaf named ``bias`` or ``scale``, the
+       names that flax's layers give to biases and to the parameters of
+       ``LayerNorm``, ``RMSNorm``, ``BatchNorm`` and ``GroupNorm`` (nnx and linen),
+       whatever its rank: Goyal et al.'s "no weight decay on BN γ and β" and He et
+       al.'s "no bias decay", also for the ``(L, C)`` biases and norm scales of L
+       stacked layers and the ``(heads, head_dim)`` biases of attention;
+    2) rank, for every other leaf: ``True`` (decayed) when one layer of it has
+       ``ndim >= 2`` (conv and dense kernels, embeddings), ``False`` otherwise;
+    3) ``exclude``: ``False`` when the leaf's path matches one of these patterns;
+    4) ``include``: ``True`` when the leaf's path matches one of these patterns.
+
+    One layer's rank is the leaf's ``ndim`` less its stacked axes, which
+    ``stacked`` declares: ``{"blocks": 1}`` says that every leaf whose path
+    contains ``blocks`` stacks its layers on its first axis (``nnx.vmap`` +
+    ``nnx.scan``, linen's ``nn.scan``). Without it, the name rule already keeps the
+    stacked biases and norm parameters of flax's layers undecayed; ``stacked`` only
+    changes leaves with other names (a stacked ``(L, C)`` gain of your own).
+
+    Embeddings (``nnx.Embed``/``nn.Embed``'s ``embedding``, rank 2) are decayed, as
+    in GPT-2 and HF transformers' ``Trainer``; ``exclude=r"embed"`` keeps them out.
 
     A path is the leaf's keys joined with ``'/'`` (``"params/Conv_0/kernel"`` in
     linen, ``"conv/kernel"`` in nnx), without the ``.value`` of an ``nnx.Variable``;
@@ -77,22 +128,24 @@ def decay_mask(
     tracers work.
 
     Edge cases: a scalar leaf (``ndim == 0``) is not decayed; an empty ``params``
-    gives an empty mask; a ``(L, C)`` norm scale of a scanned layer is decayed by the
-    rank rule, so exclude it by name.
+    gives an empty mask.
 
     Args:
       params: a tree of arrays (or of shapes), possibly of ``nnx.Variable``.
       exclude: a regular expression or a sequence of them: matching leaves are not
         decayed.
       include: a regular expression or a sequence of them: matching leaves are
-        decayed (even if excluded).
+        decayed (even if excluded or named ``bias``/``scale``).
+      stacked: a mapping from path patterns to the number of leading axes that
+        stack layers in the matching leaves, or None (no stacked layers).
 
     Returns:
       A tree of Python bools, ``True`` where weight decay applies.
 
     Raises:
       ValueError: a pattern is not a valid regular expression, or matches no leaf
-        (a typo must not silently decay everything); the message names it.
+        (a typo must not silently decay everything), or ``stacked`` gives a leaf
+        more stacked axes than it has; the message names it.
 
     Example:
       >>> import jax.numpy as jnp
@@ -104,6 +157,10 @@ def decay_mask(
       {'bn': {'bias': False, 'scale': False}, 'conv': {'bias': False, 'kernel': True}, 'embed': {'embedding': True}}
       >>> ow.decay_mask(params, exclude=r"^embed/")["embed"]
       {'embedding': False}
+      >>> stack = {"blocks": {"ln": {"scale": jnp.ones((4, 8))},
+      ...                     "fc": {"kernel": jnp.ones((4, 8, 8))}}}
+      >>> ow.decay_mask(stack)  # 4 stacked layers: the norm scale is not decayed
+      {'blocks': {'fc': {'kernel': True}, 'ln': {'scale': False}}}
 
     References:
       Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
@@ -111,26 +168,8 @@ def decay_mask(
       Classification with Convolutional Neural Networks, arXiv:1812.01187,
       section 3.1.
     """  # noqa: E501
-    exclude_res = _compile("exclude", exclude)
-    include_res = _compile("include", include)
-    leaves, treedef = flatten(params)
-    paths = [path for path, _ in leaves]
-    for name, regexes in (("exclude", exclude_res), ("include", include_res)):
-        for regex in regexes:
-            if not any(regex.search(path) for path in paths):
-                raise ValueError(
-                    f"{name} pattern {regex.pattern!r} matches no parameter path "
-                    f"(paths look like {paths[:3]!r})"
-                )
-    mask = []
-    for path, leaf in leaves:
-        decayed = _ndim(leaf) >= 2  # 1) rank
-        if any(regex.search(path) for regex in exclude_res):  # 2) exclude
-            decayed = False
-        if any(regex.search(path) for regex in include_res):  # 3) include
-            decayed = True
-        mask.append(decayed)
-    return jax.tree_util.tree_unflatten(treedef, mask)
+    rows, treedef = _decisions(params, exclude, include, stacked)
+    return jax.tree_util.tree_unflatten(treedef, [row[3] for row in rows])
 
 
 def _as_bool(path: str, value: Any) -> bool:
@@ -194,24 +233,53 @@ def resolve_mask(mask: MaskOrFn | None, params: optax.Params) -> Any:
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def decay_report(params: optax.Params, mask: MaskOrFn | None = None) -> str:
-    """A table of which parameters are decayed, to read before training.
+def _report_rows(
+    params: optax.Params, mask: MaskOrFn | None, stacked: Stacked | None
+) -> list[tuple[str, Any, int, bool, str]]:
+    """The rows of ``decay_report``: the rule that decided, where it is known."""
+    if mask is None:
+        return _decisions(params, stacked=stacked)[0]
+    if isinstance(mask, functools.partial) and mask.func is decay_mask:
+        keywords = {"stacked": stacked, **mask.keywords}
+        return _decisions(params, **keywords)[0]
+    leaves, _ = flatten(params)
+    flags = [flag for _, flag in flatten(resolve_mask(mask, params))[0]]
+    axes = layer_axes(leaves, stacked)
+    return [
+        (path, leaf, n, flag, "mask")
+        for (path, leaf), n, flag in zip(leaves, axes, flags, strict=True)
+    ]
 
-    One row per leaf (path, shape, dtype, decayed or not), then the totals of leaves
-    and of parameters (elements), decayed and not.
+
+def decay_report(
+    params: optax.Params,
+    mask: MaskOrFn | None = None,
+    *,
+    stacked: Stacked | None = None,
+) -> str:
+    """A table of which parameters are decayed, and why, to read before training.
+
+    One row per leaf: its path, its shape (``4 × (16, 16)`` for 4 stacked layers of
+    ``(16, 16)``), dtype, whether it is decayed and the rule of ``decay_mask`` that
+    decided (``bias or norm``, ``rank N`` of one layer, ``exclude``, ``include``;
+    ``mask`` for a mask of your own); then the totals of leaves and of parameters
+    (elements), decayed and not.
 
     Args:
       params: a tree of arrays or of ``jax.ShapeDtypeStruct`` (from
         ``jax.eval_shape``), possibly of ``nnx.Variable``.
-      mask: what ``masked_weight_decay`` would get: a function of ``params``, a tree
-        of bools, or None for ``decay_mask``.
+      mask: what ``masked_weight_decay`` would get: a function of ``params`` (such
+        as ``functools.partial(ow.decay_mask, exclude=...)``), a tree of bools, or
+        None for ``decay_mask``.
+      stacked: the stacked layers, as for ``decay_mask`` (a ``partial`` of
+        ``decay_mask`` with its own ``stacked`` takes precedence).
 
     Returns:
       The table as a string: ``print(ow.decay_report(params))``.
 
     Raises:
       ValueError: the mask does not match ``params`` (naming the first path that
-        differs).
+        differs), or ``decay_mask`` refuses a pattern.
 
     Example:
       >>> import jax.numpy as jnp
@@ -219,11 +287,11 @@ def decay_report(params: optax.Params, mask: MaskOrFn | None = None) -> str:
       >>> params = {"conv": {"kernel": jnp.ones((3, 3, 1, 8)), "bias": jnp.ones(8)},
       ...           "bn": {"scale": jnp.ones(8), "bias": jnp.ones(8)}}
       >>> print(ow.decay_report(params))
-      path         shape         dtype    decayed
-      bn/bias      (8,)          float32  no
-      bn/scale     (8,)          float32  no
-      conv/bias    (8,)          float32  no
-      conv/kernel  (3, 3, 1, 8)  float32  yes
+      path         shape         dtype    decayed  rule
+      bn/bias      (8,)          float32  no       bias or norm
+      bn/scale     (8,)          float32  no       bias or norm
+      conv/bias    (8,)          float32  no       bias or norm
+      conv/kernel  (3, 3, 1, 8)  float32  yes      rank 4
       decayed:     1 leaves, 72 parameters
       not decayed: 3 leaves, 24 parameters
       total:       4 leaves, 96 parameters
@@ -232,21 +300,26 @@ def decay_report(params: optax.Params, mask: MaskOrFn | None = None) -> str:
       Goyal et al. 2017, arXiv:1706.02677, section 5.1; He et al. 2019,
       arXiv:1812.01187, section 3.1.
     """
-    resolved = resolve_mask(decay_mask if mask is None else mask, params)
-    leaves, _ = flatten(params)
-    flags = [flag for _, flag in flatten(resolved)[0]]
-    rows = [("path", "shape", "dtype", "decayed")]
+    rows = [("path", "shape", "dtype", "decayed", "rule")]
     counts = {True: [0, 0], False: [0, 0]}
-    for (path, leaf), flag in zip(leaves, flags, strict=True):
-        shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
+    for path, leaf, layers, flag, why in _report_rows(params, mask, stacked):
+        shape = leaf_shape(leaf)
         dtype = getattr(leaf, "dtype", np.asarray(leaf).dtype)
-        rows.append((path, str(shape), str(np.dtype(dtype)), "yes" if flag else "no"))
+        rows.append(
+            (
+                path,
+                describe_shape(shape, layers),
+                str(np.dtype(dtype)),
+                "yes" if flag else "no",
+                why,
+            )
+        )
         counts[flag][0] += 1
         counts[flag][1] += math.prod(shape)
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [
         "  ".join(
-            [*(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)), row[3]]
+            [*(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)), row[4]]
         )
         for row in rows
     ]

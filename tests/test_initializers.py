@@ -17,8 +17,11 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 import optax_warmup as ow
+from optax_warmup._initializers import fan_out
 
 # Large kernels of 1-D, 2-D and 3-D convolutions (flax layout: *spatial, in, out),
 # with their fan-out target std written out by hand: sqrt(2 / (spatial × out)).
@@ -153,3 +156,40 @@ def test_bf16_samples_keep_tails_and_zero_mean(seed):
     sample = np.asarray(w, np.float64)
     assert np.abs(sample).max() > 3.5
     assert abs(sample.mean()) < 5 / math.sqrt(sample.size)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ((3, 128, 512), 3 * 512),
+        ((3, 3, 64, 256), 3 * 3 * 256),
+        ((3, 3, 3, 32, 128), 3 * 3 * 3 * 128),
+        ((1, 1, 1024, 256), 256),
+        ((5, 7, 2, 9), 5 * 7 * 9),  # non-square kernel: every spatial size counts
+    ],
+)
+def test_fan_out_is_spatial_size_times_output_channels(shape, expected):
+    assert fan_out(shape) == expected
+    # he_conv_init draws with it: the sample std is sqrt(2 / fan_out).
+    if math.prod(shape) >= 100_000:
+        w = ow.he_conv_init()(jax.random.key(0), shape, jnp.float32)
+        _check_normal(w, math.sqrt(2 / expected))
+
+
+def test_dtype_none_is_float32_and_out_sharding_is_honoured():
+    # jax.nn.initializers.Initializer's out_sharding: under a mesh with explicit
+    # axes, P("d") puts axis 0 on "d" (visible in the sharding even on 1 device).
+    key = jax.random.key(0)
+    mesh = jax.make_mesh((1,), ("d",), axis_types=(AxisType.Explicit,))
+    inits = [ow.he_conv_init(), ow.gaussian_fc_init(), ow.zero_gamma_init()]
+    for init, shape in zip(inits, [(3, 16, 32), (16, 4), (8,)], strict=True):
+        plain = init(key, shape)
+        none = init(key, shape, None)
+        assert none.dtype == jnp.float32
+        np.testing.assert_array_equal(none, plain)
+        with jax.set_mesh(mesh):
+            sharded = init(key, shape, jnp.float32, P("d"))
+            default = init(key, shape, jnp.float32)
+        assert sharded.sharding.spec[0] == "d"
+        assert default.sharding.spec[0] is None
+        np.testing.assert_array_equal(sharded, plain)

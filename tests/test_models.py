@@ -7,6 +7,8 @@ compilations are reused across tests; ResNet-18/50/101 are only built abstractly
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import jax
@@ -19,10 +21,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optax_warmup as ow
+from optax_warmup._ghost_batch_norm import (
+    _group_stats,
+    _normalize,
+    _running_average,
+    _split_groups,
+)
 from optax_warmup.models import (
     BasicBlock,
     Bottleneck,
     GhostBatchNorm,
+    Layers,
+    Projection,
+    ResidualBlock,
     ResNet,
     init_report,
 )
@@ -591,3 +602,419 @@ def test_public_names():
     for name in ("he_conv_init", "gaussian_fc_init", "zero_gamma_init"):
         assert name in ow.__all__
     assert ow.models.ResNet is ResNet
+
+
+# --- the variants have real signatures ----------------------------------------------
+
+VARIANTS = {
+    "ResNet18": ((2, 2, 2, 2), BasicBlock),
+    "ResNet34": ((3, 4, 6, 3), BasicBlock),
+    "ResNet50": ((3, 4, 6, 3), Bottleneck),
+    "ResNet101": ((3, 4, 23, 3), Bottleneck),
+}
+
+
+def _keywords(fn) -> dict[str, object]:
+    """{name: default} of every parameter; no *args or **kwargs allowed."""
+    params = inspect.signature(fn).parameters.values()
+    kinds = {p.kind for p in params}
+    assert inspect.Parameter.VAR_KEYWORD not in kinds
+    assert inspect.Parameter.VAR_POSITIONAL not in kinds
+    return {p.name: p.default for p in params}
+
+
+@pytest.mark.parametrize("name", [*VARIANTS, "SmallResNet1D"])
+def test_variants_have_real_signatures(name):
+    fn = getattr(ow.models, name)
+    params = inspect.signature(fn).parameters
+    assert "num_classes" in params and "rngs" in params
+    assert params["rngs"].default is inspect.Parameter.empty  # required
+    # What help() and "go to definition" show: a def of that name in models.py.
+    assert fn.__module__ == "optax_warmup.models"
+    assert fn.__qualname__ == name
+    assert inspect.getsource(fn).startswith(f"def {name}(")
+    # Every keyword of ResNet but those the variant fixes, with ResNet's defaults.
+    resnet = _keywords(ResNet.__init__)
+    del resnet["self"]
+    ours = _keywords(fn)
+    if name == "SmallResNet1D":
+        fixed = {"block", "spatial_dims", "small_input"}
+        changed = {"num_classes": 10, "in_features": 1, "stage_sizes": (1, 1, 1)}
+        changed["widths"] = (16, 32, 64)
+    else:
+        fixed, changed = {"stage_sizes", "block"}, {}
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    assert set(ours) == set(resnet) - fixed
+    for key, default in ours.items():
+        assert default == changed.get(key, resnet[key]), key
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variants_forward_every_argument(name):
+    stage_sizes, block = VARIANTS[name]
+    abstract = nnx.eval_shape(
+        lambda: getattr(ow.models, name)(
+            num_classes=7,
+            in_features=2,
+            widths=(8, 8, 8, 8),
+            spatial_dims=1,
+            small_input=True,
+            zero_init_residual=False,
+            batch_norm_group_size=4,
+            batch_norm_momentum=0.5,
+            batch_norm_epsilon=0.125,
+            dtype=jnp.bfloat16,
+            param_dtype=jnp.float16,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    assert [len(stage) for stage in abstract.stages] == list(stage_sizes)
+    assert all(isinstance(b, block) for stage in abstract.stages for b in stage)
+    assert abstract.stem_conv.kernel.shape == (3, 2, 8)  # small stem, 1-D
+    assert (abstract.spatial_dims, abstract.small_input) == (1, True)
+    assert abstract.fc.kernel.shape == (8 * block.expansion, 7)
+    assert abstract.fc.kernel.dtype == jnp.float16
+    assert abstract.fc.dtype == jnp.bfloat16
+    norms = [m for _, m in nnx.iter_modules(abstract) if isinstance(m, nnx.BatchNorm)]
+    assert norms
+    for m in norms:
+        assert (m.momentum, m.epsilon, m.group_size) == (0.5, 0.125, 4)
+        assert m.dtype == jnp.bfloat16
+
+
+def test_resnet101_parameter_count_equals_torchvision():
+    abstract = nnx.eval_shape(lambda: ow.models.ResNet101(rngs=nnx.Rngs(0)))
+    assert n_params(nnx.state(abstract, nnx.Param)) == 44_549_160
+
+
+# --- BatchNorm momentum and epsilon -------------------------------------------------
+
+
+def _record_batchnorm_calls(monkeypatch) -> list[tuple]:
+    """Records (layer, input, output, running mean, running var before) of each call."""
+    calls = []
+    original = GhostBatchNorm.__call__
+
+    def recording(self, x, *args, **kwargs):
+        before = (np.asarray(self.mean[...]), np.asarray(self.var[...]))
+        y = original(self, x, *args, **kwargs)
+        calls.append((self, np.asarray(x, np.float64), np.asarray(y), *before))
+        return y
+
+    monkeypatch.setattr(GhostBatchNorm, "__call__", recording)
+    return calls
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_momentum_and_epsilon_reach_every_batchnorm(monkeypatch, group_size):
+    m, eps = 0.7, 0.25  # far from flax's (0.99, 1e-5) and ours (0.9, 1e-5)
+    model = tiny(
+        1,
+        Bottleneck,
+        zero_init_residual=False,
+        batch_norm_group_size=group_size,
+        batch_norm_momentum=m,
+        batch_norm_epsilon=eps,
+    )
+    norms = [
+        mod for _, mod in nnx.iter_modules(model) if isinstance(mod, nnx.BatchNorm)
+    ]
+    assert len(norms) == 1 + 3 * 3 + 2  # stem, three blocks, two projections
+    for bn in norms:
+        assert (bn.momentum, bn.epsilon) == (m, eps)
+
+    calls = _record_batchnorm_calls(monkeypatch)
+    model(batch(1))  # one training-mode forward pass, eagerly
+    assert {id(c[0]) for c in calls} == {id(bn) for bn in norms}  # each, once
+    g = group_size or 8
+    for bn, x, y, mean_before, var_before in calls:
+        # numpy: statistics of each group of g over (examples, length).
+        groups = x.reshape(-1, g, *x.shape[1:])
+        mean = groups.mean(axis=(1, 2), keepdims=True)
+        var = ((groups - mean) ** 2).mean(axis=(1, 2), keepdims=True)
+        scale, bias = np.asarray(bn.scale[...]), np.asarray(bn.bias[...])
+        expected = (groups - mean) / np.sqrt(var + eps) * scale + bias
+        np.testing.assert_allclose(y, expected.reshape(x.shape), rtol=1e-4, atol=1e-4)
+        new_mean = m * mean_before + (1 - m) * mean.mean(axis=0).ravel()
+        new_var = m * var_before + (1 - m) * var.mean(axis=0).ravel()
+        np.testing.assert_allclose(bn.mean[...], new_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bn.var[...], new_var, rtol=1e-5, atol=1e-6)
+
+
+def test_jitted_train_step_moves_running_stats_with_the_momentum():
+    m = 0.25
+    model = tiny(1, batch_norm_momentum=m)
+    x, y = batch(1), jnp.arange(8) % N_CLASSES
+    h = np.asarray(model.stem_conv(x), np.float64)  # the stem BatchNorm's input
+    loss_and_grads(model, x, y)
+    np.testing.assert_allclose(
+        model.stem_bn.mean[...], (1 - m) * h.mean(axis=(0, 1)), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        model.stem_bn.var[...], m + (1 - m) * h.var(axis=(0, 1)), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(batch_norm_momentum=1.5), "batch_norm_momentum"),
+        (dict(batch_norm_momentum=-0.1), "batch_norm_momentum"),
+        (dict(batch_norm_momentum=float("nan")), "batch_norm_momentum"),
+        (dict(batch_norm_epsilon=-1e-5), "batch_norm_epsilon"),
+        (dict(batch_norm_epsilon=float("inf")), "batch_norm_epsilon"),
+    ],
+)
+def test_bad_momentum_or_epsilon_raises(kwargs, name):
+    with pytest.raises(ValueError, match=name) as info:
+        tiny(1, **kwargs)
+    assert str(next(iter(kwargs.values()))) in str(info.value)
+    with pytest.raises(ValueError, match=name):
+        Layers(**kwargs)
+
+
+# --- the layer builder ---------------------------------------------------------------
+
+
+def test_layers_builds_convs_norms_shortcuts_and_the_classifier():
+    layers = Layers(
+        spatial_dims=1,
+        batch_norm_group_size=2,
+        batch_norm_momentum=0.8,
+        batch_norm_epsilon=1e-3,
+        dtype=jnp.bfloat16,
+    )
+    rngs = nnx.Rngs(0)
+    conv = layers.conv(64, 128, 3, 2, rngs=rngs)
+    assert conv.kernel.shape == (3, 64, 128)
+    assert conv.kernel.dtype == jnp.float32 and conv.dtype == jnp.bfloat16
+    assert (conv.strides, conv.padding, conv.bias) == (2, [(1, 1)], None)
+    std = np.asarray(conv.kernel[...]).std()
+    assert abs(std / math.sqrt(2 / (3 * 128)) - 1) < 0.05  # He, fan-out
+
+    norm = layers.norm(16, rngs=rngs)
+    assert (norm.group_size, norm.momentum, norm.epsilon) == (2, 0.8, 1e-3)
+    np.testing.assert_array_equal(norm.scale[...], np.ones(16))
+    np.testing.assert_array_equal(norm.bias[...], np.zeros(16))
+    last = layers.norm(16, last_of_branch=True, rngs=rngs)
+    np.testing.assert_array_equal(last.scale[...], np.zeros(16))
+    no_zero = dataclasses.replace(layers, zero_init_residual=False)
+    last = no_zero.norm(16, last_of_branch=True, rngs=rngs)
+    np.testing.assert_array_equal(last.scale[...], np.ones(16))
+
+    assert layers.shortcut(16, 16, 1, rngs=rngs) is None
+    for cin, cout, stride in [(16, 16, 2), (16, 32, 1)]:
+        proj = layers.shortcut(cin, cout, stride, rngs=rngs)
+        assert isinstance(proj, Projection)
+        assert proj.conv.kernel.shape == (1, cin, cout)
+        assert proj.conv.strides == stride
+        np.testing.assert_array_equal(proj.bn.scale[...], np.ones(cout))
+
+    fc = layers.linear(512, 1000, rngs=rngs)
+    assert abs(np.asarray(fc.kernel[...]).std() / 0.01 - 1) < 0.03
+    np.testing.assert_array_equal(fc.bias[...], np.zeros(1000))
+    assert fc.dtype == jnp.bfloat16
+
+
+def test_layers_is_frozen_hashable_and_validated():
+    layers = Layers()
+    assert (layers.batch_norm_momentum, layers.batch_norm_epsilon) == (0.9, 1e-5)
+    assert (layers.spatial_dims, layers.zero_init_residual) == (2, True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        layers.spatial_dims = 1
+    assert hash(layers) == hash(Layers()) and layers == Layers()
+    assert layers != Layers(batch_norm_momentum=0.99)
+    with pytest.raises(ValueError, match="spatial_dims"):
+        Layers(spatial_dims=0)
+    with pytest.raises(ValueError, match="batch_norm_group_size"):
+        Layers(batch_norm_group_size=0)
+
+
+class WideBlock(ResidualBlock):
+    """A block written by a user from ``Layers``: one 5-wide conv and a BatchNorm."""
+
+    expansion = 2
+    seen: list[Layers] = []  # noqa: RUF012 - the Layers each block was given
+
+    def __init__(self, in_features, features, *, strides=1, layers, rngs):
+        WideBlock.seen.append(layers)
+        out = features * self.expansion
+        self.conv = layers.conv(in_features, out, 5, strides, rngs=rngs)
+        self.bn = layers.norm(out, last_of_branch=True, rngs=rngs)
+        self.shortcut = layers.shortcut(in_features, out, strides, rngs=rngs)
+
+    def branch(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_a_users_block_gets_the_networks_layers():
+    WideBlock.seen.clear()
+    model = tiny(
+        1, WideBlock, batch_norm_group_size=2, batch_norm_momentum=0.6, dtype=None
+    )
+    assert (
+        WideBlock.seen
+        == [Layers(spatial_dims=1, batch_norm_group_size=2, batch_norm_momentum=0.6)]
+        * 3
+    )
+    assert model.fc.kernel.shape == (4 * 2, N_CLASSES)  # expansion is used
+    assert init_report(model) == []
+    pairs = block_io(model, batch(1))
+    assert len(pairs) == 3
+    for y, relu_shortcut in pairs:  # zero-γ came from the builder
+        np.testing.assert_array_equal(y, relu_shortcut)
+
+
+def test_blocks_built_on_their_own_from_layers():
+    layers = Layers(spatial_dims=1, zero_init_residual=False)
+    block = BasicBlock(8, 16, strides=2, layers=layers, rngs=nnx.Rngs(0))
+    assert isinstance(block.shortcut, Projection)
+    assert block.conv1.kernel.shape == (3, 8, 16) and block.conv1.strides == 2
+    np.testing.assert_array_equal(block.bn2.scale[...], np.ones(16))
+    x = batch(1, n=4)[..., :1] * jnp.ones(8)  # (4, 12, 8)
+    y = block(x)
+    assert y.shape == (4, 6, 16)
+    np.testing.assert_array_equal(y, jax.nn.relu(block.branch(x) + block.shortcut(x)))
+    default = Bottleneck(16, 4, rngs=nnx.Rngs(0))  # Layers(): 2-D, zero-γ
+    assert default.conv2.kernel.shape == (3, 3, 4, 4)
+    assert default.shortcut is None  # 16 == 4 * expansion, stride 1
+    np.testing.assert_array_equal(default.bn3.scale[...], np.zeros(16))
+
+
+def test_residual_block_without_init_raises():
+    class NoInit(ResidualBlock):
+        pass
+
+    with pytest.raises(NotImplementedError, match="NoInit must define __init__"):
+        NoInit(8, 8, rngs=nnx.Rngs(0))
+
+
+# --- the pure helpers of GhostBatchNorm ----------------------------------------------
+
+
+def _random(shape, seed=0, dtype=jnp.float32):
+    return (jax.random.normal(jax.random.key(seed), shape) * 3 + 1).astype(dtype)
+
+
+def test_split_groups_takes_consecutive_examples():
+    x = _random((12, 5, 3))
+    groups = _split_groups(x, 4)
+    assert groups.shape == (3, 4, 5, 3)
+    for j in range(3):
+        np.testing.assert_array_equal(groups[j], x[4 * j : 4 * j + 4])
+
+
+@pytest.mark.parametrize("use_fast_variance", [True, False])
+@pytest.mark.parametrize(
+    ("shape", "feature_axis", "reduce"),
+    [
+        ((3, 4, 5, 2), 3, (1, 2)),  # features last
+        ((2, 3, 4, 5), 2, (1, 3)),  # features in the middle (input axis 1)
+        ((4, 2, 6), 2, (1,)),  # (N, C) input
+    ],
+)
+def test_group_stats_against_numpy(shape, feature_axis, reduce, use_fast_variance):
+    groups = _random(shape, seed=1)
+    mean, var = _group_stats(
+        groups, feature_axis, dtype=None, use_fast_variance=use_fast_variance
+    )
+    x = np.asarray(groups, np.float64)
+    ref_mean = x.mean(axis=reduce, keepdims=True)
+    ref_var = ((x - ref_mean) ** 2).mean(axis=reduce, keepdims=True)
+    assert mean.shape == var.shape == ref_mean.shape
+    assert mean.dtype == var.dtype == jnp.float32
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-5, atol=1e-5)
+
+
+def test_group_stats_of_bf16_are_float32_and_never_negative():
+    groups = _random((2, 4, 5, 3), seed=2, dtype=jnp.bfloat16)
+    mean, var = _group_stats(groups, 3, dtype=None, use_fast_variance=True)
+    assert mean.dtype == var.dtype == jnp.float32
+    x = np.asarray(groups, np.float64)  # the bf16 values, exactly
+    np.testing.assert_allclose(mean, x.mean(axis=(1, 2), keepdims=True), atol=1e-5)
+    # A constant group: E[x²] - E[x]² may round below 0; it is clipped at 0.
+    constant = jnp.full((1, 4, 5, 3), 1e3 + 0.1, jnp.float32)
+    _, var = _group_stats(constant, 3, dtype=None, use_fast_variance=True)
+    assert np.all(np.asarray(var) >= 0)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_normalize_against_numpy(affine):
+    groups = _random((3, 4, 5, 2), seed=3)
+    x = np.asarray(groups, np.float64)
+    mean = x.mean(axis=(1, 2), keepdims=True)
+    var = x.var(axis=(1, 2), keepdims=True)
+    scale = np.array([0.5, 2.0]) if affine else None
+    bias = np.array([-1.0, 3.0]) if affine else None
+    eps = 0.1
+    y = _normalize(
+        groups,
+        jnp.asarray(mean, jnp.float32),
+        jnp.asarray(var, jnp.float32),
+        None if scale is None else jnp.asarray(scale, jnp.float32),
+        None if bias is None else jnp.asarray(bias, jnp.float32),
+        3,
+        eps,
+    )
+    expected = (x - mean) / np.sqrt(var + eps)
+    if affine:
+        expected = expected * scale + bias
+    assert y.shape == groups.shape
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_with_features_in_the_middle():
+    groups = _random((2, 3, 4, 5), seed=4)  # features on axis 2
+    x = np.asarray(groups, np.float64)
+    mean = x.mean(axis=(1, 3), keepdims=True)
+    var = x.var(axis=(1, 3), keepdims=True)
+    scale, bias = np.arange(1.0, 5.0), np.arange(4.0)
+    y = _normalize(
+        groups,
+        jnp.asarray(mean, jnp.float32),
+        jnp.asarray(var, jnp.float32),
+        jnp.asarray(scale, jnp.float32),
+        jnp.asarray(bias, jnp.float32),
+        2,
+        1e-5,
+    )
+    expected = (x - mean) / np.sqrt(var + 1e-5) * scale[:, None] + bias[:, None]
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_running_average_against_numpy():
+    running = np.array([0.5, -1.0, 2.0], np.float32)
+    stats = np.asarray(_random((4, 1, 1, 3), seed=5))  # one statistic per group
+    m = 0.8
+    new = _running_average(jnp.asarray(running), jnp.asarray(stats), m)
+    assert new.shape == running.shape
+    expected = m * running + (1 - m) * stats.mean(axis=0).ravel()
+    np.testing.assert_allclose(new, expected, rtol=1e-6, atol=1e-6)
+    # m = 1 keeps the running statistic; m = 0 replaces it by the groups' mean.
+    kept = _running_average(jnp.asarray(running), jnp.asarray(stats), 1.0)
+    np.testing.assert_array_equal(kept, running)
+    replaced = _running_average(jnp.asarray(running), jnp.asarray(stats), 0.0)
+    np.testing.assert_allclose(replaced, stats.mean(axis=0).ravel(), rtol=1e-6)
+
+
+# --- init_report and fan_out -------------------------------------------------------
+
+
+def test_init_report_checks_convs_against_fan_out():
+    # in != out: a fan-in kernel's std is twice the fan-out target here.
+    layers = Layers(spatial_dims=1)
+    block = BasicBlock(16, 64, strides=2, layers=layers, rngs=nnx.Rngs(1))
+
+    class OneBlock(nnx.Module):
+        def __init__(self):
+            self.block = block
+
+    assert init_report(OneBlock()) == []
+    shape = block.conv1.kernel.shape  # (3, 16, 64)
+    fan_in_std = math.sqrt(2 / (3 * 16))
+    block.conv1.kernel[...] = fan_in_std * jax.random.normal(jax.random.key(2), shape)
+    report = init_report(OneBlock())
+    assert len(report) == 1
+    assert report[0].startswith("block/conv1: conv kernel std")
+    assert f"expected {math.sqrt(2 / (3 * 64)):.4g}" in report[0]

@@ -6,8 +6,9 @@ import re
 import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+TEXT = README.read_text()
 SECTIONS = re.findall(
-    r"<!-- section: ([\w-]+) -->(.*?)<!-- /section: \1 -->", README.read_text(), re.S
+    r"<!-- section: ([\w-]+) -->(.*?)<!-- /section: \1 -->", TEXT, re.S
 )
 
 
@@ -16,5 +17,16 @@ SECTIONS = re.findall(
 )
 def test_readme_examples_run(body):
     namespace: dict = {}
-    for block in re.findall(r"```python\n(.*?)```", body, re.S):
+    blocks = re.findall(r"```python\n(.*?)```", body, re.S)
+    assert blocks, "a section without Python"
+    for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
+
+
+def test_readme_has_a_runnable_section():
+    assert SECTIONS
+
+
+def test_readme_is_short():
+    # What a newcomer reads in two minutes; the rest lives in docs/.
+    assert len(TEXT.splitlines()) <= 150

@@ -267,7 +267,7 @@ def test_low_precision_updates_keep_their_dtype(dtype):
     for _ in range(3):
         updates, state = jax.jit(tx.update)(grads, state, params)
         assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(dtype)}
-    trace = state[1].inner_state[0].trace
+    trace = optax.tree.get(state, "trace")
     assert {t.dtype for t in jax.tree.leaves(trace)} == {jnp.dtype(dtype)}
     assert ow.current_lr(state).dtype == jnp.float32
     # What the cast is for: optax's inject_hyperparams alone returns float32.
@@ -363,7 +363,7 @@ for t in range(start, TOTAL):
         checkpointer.wait_until_finished()
     params, opt_state = step(params, opt_state, t)
     lrs.append(float(ow.current_lr(opt_state)))
-np.savez(out, lrs=np.asarray(lrs), count=np.asarray(opt_state[1].count),
+np.savez(out, lrs=np.asarray(lrs), count=np.asarray(opt_state.count),
          **{k: np.asarray(v) for k, v in params.items()})
 """
 

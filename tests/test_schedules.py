@@ -14,6 +14,7 @@ from hypothesis import given, settings
 import optax_warmup as ow
 
 STEPS = np.arange(0, 40)
+SHAPES = ["linear", "constant", "exponential", "cosine", "1-sqrt"]
 
 
 def values(schedule, steps=STEPS):
@@ -34,6 +35,8 @@ def ref_warmup(after, w, init, shape, time, t):
         return init + (peak - init) * (1 - math.cos(math.pi * f)) / 2
     if shape == "exponential":
         return init * math.exp(f * math.log(peak / init))
+    if shape == "1-sqrt":
+        return init + (peak - init) * (1 - math.sqrt(1 - f))
     return init
 
 
@@ -78,7 +81,7 @@ def test_linear_scaling_rule_rejects(kwargs, name):
 # warmup_schedule: values
 
 
-@pytest.mark.parametrize("shape", ["linear", "constant", "exponential", "cosine"])
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("time", ["relative", "absolute"])
 def test_warmup_schedule_matches_reference(shape, time):
     schedule = ow.warmup_schedule(decaying, 10, init_value=0.05, shape=shape, time=time)
@@ -112,7 +115,7 @@ def test_warmup_schedule_matches_optax_join_schedules():
     np.testing.assert_allclose(values(ours), values(theirs), rtol=1e-6)
 
 
-@pytest.mark.parametrize("shape", ["linear", "constant", "exponential", "cosine"])
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("time", ["relative", "absolute"])
 def test_zero_warmup_steps_is_exactly_after(shape, time):
     schedule = ow.warmup_schedule(decaying, 0, init_value=0.3, shape=shape, time=time)
@@ -148,7 +151,7 @@ def rsqrt_after(scale):
 
 
 @pytest.mark.parametrize("time", ["relative", "absolute"])
-@pytest.mark.parametrize("shape", ["linear", "exponential", "cosine", "constant"])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_grad_wrt_hyperparameters_is_finite(time, shape):
     def lr(scale, init, t):
         schedule = ow.warmup_schedule(
@@ -282,7 +285,7 @@ def test_giant_step_gives_final_value():
     init=st.floats(0.001, 1.0),
     peak=st.floats(0.001, 10.0),
     w=st.integers(1, 300),
-    shape=st.sampled_from(["linear", "cosine", "exponential"]),
+    shape=st.sampled_from(["linear", "cosine", "exponential", "1-sqrt"]),
 )
 def test_warmup_is_monotone_bounded_and_continuous(init, peak, w, shape):
     schedule = ow.warmup_schedule(peak, w, init_value=init, shape=shape)
@@ -296,7 +299,9 @@ def test_warmup_is_monotone_bounded_and_continuous(init, peak, w, shape):
     assert v[w] == pytest.approx(peak, rel=1e-6)  # the hand-off
     # Continuity: the hand-off jump is no larger than the steepest step of the shape.
     slope = max(abs(peak - init) * math.pi / 2, peak * abs(math.log(peak / init)))
-    assert abs(v[w] - v[w - 1]) <= slope / w + tol
+    # 1 - sqrt(1 - f) has an infinite slope at f = 1: its last step is sqrt(1/w).
+    bound = abs(peak - init) / math.sqrt(w) if shape == "1-sqrt" else slope / w
+    assert abs(v[w] - v[w - 1]) <= bound + tol
 
 
 # warmup_schedule: bad input
@@ -439,3 +444,224 @@ def test_untuned_warmup_rejects_b2(b2):
 def test_untuned_warmup_rejects_shape():
     with pytest.raises(ValueError, match="shape"):
         ow.untuned_warmup_schedule(0.999, "cosine")
+
+
+# The shapes: one definition for the Literal types, the checks and the table.
+
+
+def test_shape_table_and_literals_agree():
+    import typing
+
+    from optax_warmup import _schedule_parts as parts
+
+    assert typing.get_args(parts.WarmupShape) == parts.WARMUP_SHAPES
+    assert typing.get_args(parts.DecayShape) == parts.DECAY_SHAPES
+    assert set(parts.RAMPS) == set(parts.WARMUP_SHAPES) | set(parts.DECAY_SHAPES)
+    for shape in ("triangle", "sqrt"):
+        with pytest.raises(ValueError, match="warmup_shape"):
+            ow.wsd_schedule(
+                1.0, warmup_steps=1, stable_steps=1, decay_steps=1, warmup_shape=shape
+            )
+        with pytest.raises(ValueError, match="decay_shape"):
+            ow.wsd_schedule(
+                1.0, warmup_steps=1, stable_steps=1, decay_steps=1, decay_shape=shape
+            )
+
+
+# step_decay_schedule
+
+
+def ref_step_decay(t, init, boundaries, factors):
+    value = init
+    for b, f in zip(boundaries, factors, strict=True):
+        if t >= b:
+            value *= f
+    return value
+
+
+@pytest.mark.parametrize(
+    ("boundaries", "factor"),
+    [((), 0.1), ((5,), 0.5), ((3, 10, 25), 0.1), ((0, 7.5, 20), (0.5, 0.2, 0.0))],
+)
+def test_step_decay_matches_reference(boundaries, factor):
+    schedule = ow.step_decay_schedule(2.0, boundaries, factor)
+    factors = factor if isinstance(factor, tuple) else (factor,) * len(boundaries)
+    expected = [ref_step_decay(t, 2.0, boundaries, factors) for t in STEPS]
+    np.testing.assert_allclose(values(schedule), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", STEP_DTYPES)
+def test_step_decay_step_dtypes_and_optax_twin(dtype):
+    schedule = ow.step_decay_schedule(1.0, [10, 20])
+    twin = optax.piecewise_constant_schedule(1.0, {10: 0.1, 20: 0.1})
+    for t in range(0, 40, 3):
+        assert float(schedule(dtype(t))) == pytest.approx(float(twin(t)), rel=1e-6)
+    # optax's own gives the undecayed value for the uint32 step of nnx.Optimizer.
+    assert float(schedule(jnp.uint32(25))) == pytest.approx(0.01, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"init_value": -1.0, "boundaries": [1]}, "init_value"),
+        ({"init_value": 1.0, "boundaries": [5, 3]}, "boundaries"),
+        ({"init_value": 1.0, "boundaries": [-1]}, "boundaries"),
+        ({"init_value": 1.0, "boundaries": [1, 2], "factor": (0.1,)}, "factor"),
+        ({"init_value": 1.0, "boundaries": [1], "factor": math.nan}, "factor"),
+        ({"init_value": 1.0, "boundaries": [1], "factor": -0.5}, "factor"),
+    ],
+)
+def test_step_decay_rejects(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ow.step_decay_schedule(**kwargs)
+
+
+# wsd_schedule: against an independent reference of HF transformers' formulas
+
+
+def ref_hf_wsd(t, w, s, d, warmup_type, decay_type, min_lr_ratio):
+    """HF transformers' _get_wsd_scheduler_lambda (with warmup_type), in float64."""
+    if t < w:
+        progress = t / max(1, w)
+        factor = {
+            "linear": progress,
+            "cosine": 0.5 * (1.0 - math.cos(math.pi * progress)),
+            "1-sqrt": 1.0 - math.sqrt(1.0 - progress),
+        }[warmup_type]
+        return max(0.0, factor * (1.0 - min_lr_ratio) + min_lr_ratio)
+    if t < w + s:
+        return 1.0
+    if t < w + s + d:
+        progress = (t - w - s) / max(1, d)
+        factor = {
+            "linear": 1.0 - progress,
+            "cosine": 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)),
+            "1-sqrt": 1.0 - math.sqrt(progress),
+        }[decay_type]
+        return max(0.0, factor * (1.0 - min_lr_ratio) + min_lr_ratio)
+    return min_lr_ratio
+
+
+@pytest.mark.parametrize("decay_shape", ["linear", "cosine", "1-sqrt"])
+@pytest.mark.parametrize("warmup_shape", ["linear", "cosine", "1-sqrt"])
+@pytest.mark.parametrize("end_value", [0.0, 0.3])
+def test_wsd_matches_hf_transformers(warmup_shape, decay_shape, end_value):
+    peak, w, s, d = 2.0, 7, 13, 11
+    schedule = ow.wsd_schedule(
+        peak,
+        warmup_steps=w,
+        stable_steps=s,
+        decay_steps=d,
+        init_value=end_value,  # HF's warmup starts at min_lr_ratio * peak
+        end_value=end_value,
+        warmup_shape=warmup_shape,
+        decay_shape=decay_shape,
+    )
+    ratio = end_value / peak
+    steps = range(0, 40)
+    expected = [
+        peak * ref_hf_wsd(t, w, s, d, warmup_shape, decay_shape, ratio) for t in steps
+    ]
+    np.testing.assert_allclose(values(schedule, steps), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_wsd_phases_and_edges():
+    schedule = ow.wsd_schedule(1.0, warmup_steps=4, stable_steps=6, decay_steps=4)
+    v = values(schedule, range(20))
+    np.testing.assert_allclose(v[:4], [0, 0.25, 0.5, 0.75], rtol=1e-6)
+    np.testing.assert_allclose(v[4:10], 1.0)
+    np.testing.assert_allclose(
+        v[10:14], [1 - math.sqrt(p) for p in (0, 0.25, 0.5, 0.75)], rtol=1e-6
+    )
+    np.testing.assert_allclose(v[14:], 0.0)
+    # Zero-length phases are skipped; D = 0 jumps to the end value.
+    jump = ow.wsd_schedule(
+        1.0, warmup_steps=0, stable_steps=3, decay_steps=0, end_value=0.1
+    )
+    np.testing.assert_allclose(
+        values(jump, range(6)), [1, 1, 1, 0.1, 0.1, 0.1], rtol=1e-6
+    )
+    only_decay = ow.wsd_schedule(
+        1.0, warmup_steps=0, stable_steps=0, decay_steps=4, decay_shape="linear"
+    )
+    np.testing.assert_allclose(values(only_decay, range(6)), [1, 0.75, 0.5, 0.25, 0, 0])
+    expo = ow.wsd_schedule(
+        1.0,
+        warmup_steps=0,
+        stable_steps=0,
+        decay_steps=2,
+        end_value=0.01,
+        decay_shape="exponential",
+    )
+    np.testing.assert_allclose(values(expo, range(4)), [1, 0.1, 0.01, 0.01], rtol=1e-5)
+    assert float(schedule(-5)) == 0.0 and float(schedule(jnp.uint32(2**32 - 1))) == 0
+
+
+def test_wsd_contract_jit_vmap_dtypes_and_grad():
+    def make(peak=1.0, w=8, s=20, d=10):
+        return ow.wsd_schedule(
+            peak, warmup_steps=w, stable_steps=s, decay_steps=d, end_value=0.1 * peak
+        )
+
+    schedule = make()
+    steps = jnp.arange(45)
+    eager = values(schedule, range(45))
+    np.testing.assert_allclose(jax.jit(jax.vmap(schedule))(steps), eager, rtol=1e-6)
+    for dtype in STEP_DTYPES:
+        got = [float(schedule(dtype(t))) for t in range(45)]
+        np.testing.assert_array_equal(got, eager)
+    with jax.numpy_dtype_promotion("strict"):
+        assert schedule(jnp.uint32(30)).dtype == jnp.float32
+    # vmap over the peak and over the lengths: a sweep in one program.
+    peaks = jnp.array([0.5, 1.0, 2.0])
+    by_peak = jax.vmap(lambda p: jax.vmap(make(peak=p))(steps))(peaks)
+    for row, p in zip(by_peak, peaks, strict=True):
+        np.testing.assert_allclose(row, values(make(float(p)), range(45)), rtol=1e-6)
+    lengths = jnp.array([0, 5, 9])
+    by_w = jax.vmap(lambda w: jax.vmap(make(w=w, s=30 - w))(steps))(lengths)
+    for row, w in zip(by_w, lengths, strict=True):
+        ref = values(make(w=int(w), s=30 - int(w)), range(45))
+        np.testing.assert_allclose(row, ref, rtol=1e-6)
+    # Gradients with respect to the peak stay finite everywhere, phases included.
+    grads = jax.vmap(jax.grad(lambda p, t: make(peak=p)(t)), in_axes=(None, 0))(
+        1.0, steps
+    )
+    assert np.all(np.isfinite(grads))
+    np.testing.assert_allclose(grads[8:28], 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"peak_value": -1.0}, "peak_value"),
+        ({"peak_value": math.nan}, "peak_value"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"stable_steps": 2.5}, "stable_steps"),
+        ({"decay_steps": -3}, "decay_steps"),
+        ({"init_value": -0.1}, "init_value"),
+        ({"end_value": 2.0}, "end_value"),
+        ({"end_value": 0.0, "decay_shape": "exponential"}, "end_value"),
+        ({"init_value": 0.0, "warmup_shape": "exponential"}, "init_value"),
+    ],
+)
+def test_wsd_rejects(kwargs, name):
+    args = dict(peak_value=1.0, warmup_steps=2, stable_steps=3, decay_steps=4)
+    with pytest.raises(ValueError, match=name):
+        ow.wsd_schedule(**{**args, **kwargs})
+
+
+def test_wsd_linear_equals_optax_join_schedules():
+    ours = ow.wsd_schedule(
+        1.0, warmup_steps=10, stable_steps=80, decay_steps=10, decay_shape="linear"
+    )
+    theirs = optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, 1.0, 10),
+            optax.constant_schedule(1.0),
+            optax.linear_schedule(1.0, 0.0, 10),
+            optax.constant_schedule(0.0),
+        ],
+        [10, 90, 100],
+    )
+    for t in range(0, 110, 7):
+        assert float(ours(t)) == pytest.approx(float(theirs(t)), abs=1e-6)

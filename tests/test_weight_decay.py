@@ -115,7 +115,7 @@ def test_exclude_then_include():
         "embed/embedding": True,
         "head/bias": False,
         "scan/kernel": True,
-        "scan/norm/scale": True,
+        "scan/norm/scale": False,  # named scale: a norm parameter, whatever its rank
     }
     mask = ow.decay_mask(params, exclude=[r"^embed/", r"norm/scale$"])
     assert flat(mask)["embed/embedding"] is False
@@ -185,12 +185,12 @@ def test_rank_rule_and_report_totals_property(tree_shapes):
 def test_decay_report_table():
     report = ow.decay_report(linen_params())
     lines = report.splitlines()
-    assert lines[0].split() == ["path", "shape", "dtype", "decayed"]
+    assert lines[0].split() == ["path", "shape", "dtype", "decayed", "rule"]
     rows = {line.split()[0]: line for line in lines[1:7]}
-    assert rows["Conv_0/kernel"].endswith("yes")
+    assert rows["Conv_0/kernel"].endswith("yes      rank 4")
     assert "(3, 3, 1, 4)" in rows["Conv_0/kernel"]
     assert "float32" in rows["Conv_0/kernel"]
-    assert rows["BatchNorm_0/scale"].endswith("no")
+    assert rows["BatchNorm_0/scale"].endswith("no       bias or norm")
     assert lines[-3] == "decayed:     2 leaves, 48 parameters"  # 36 + 12
     assert lines[-2] == "not decayed: 4 leaves, 15 parameters"  # 4 + 4 + 4 + 3
     assert lines[-1] == "total:       6 leaves, 63 parameters"
@@ -199,6 +199,12 @@ def test_decay_report_table():
     assert ow.decay_report(state) == report
     everything = ow.decay_report(state, mask=lambda p: jax.tree.map(lambda _: True, p))
     assert everything.splitlines()[-3] == "decayed:     6 leaves, 63 parameters"
+    assert everything.splitlines()[1].endswith("yes      mask")
+    excluded = ow.decay_report(
+        state, mask=functools.partial(ow.decay_mask, exclude=r"^Conv_0/kernel$")
+    )
+    row = next(line for line in excluded.splitlines() if "Conv_0/kernel" in line)
+    assert row.split()[-2:] == ["no", "exclude"]
     with pytest.raises(ValueError, match=r"first path that differs is .Dense_0/bias"):
         ow.decay_report(linen_params(), mask={"Conv_0": True, "BatchNorm_0": False})
 

@@ -10,19 +10,27 @@ package's default arguments except ``num_samples``. With the defaults
 Generation costs about 0.4 ms per sample, so the arrays are cached as ``.npz`` under
 the user's cache directory (``$OPTAX_WARMUP_CACHE``, else
 ``$XDG_CACHE_HOME/optax_warmup``, else ``~/.cache/optax_warmup``) and reused.
+
+References:
+  Greydanus 2020, Scaling Down Deep Learning (MNIST-1D), arXiv:2011.14439.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from optax_warmup._validation import check_int
+from optax_warmup.demo.store import atomic_write
+
 STANDARD_SAMPLES = 5000  # mnist1d's default: a 4000/1000 train/test split
 NUM_CLASSES = 10
+SEED = 42  # mnist1d's default generation seed
 _FORMAT = 1  # bump when the cached arrays change meaning
+
+Arrays = dict[str, np.ndarray]
 
 
 def default_cache_dir() -> Path:
@@ -39,20 +47,36 @@ def cache_path(num_samples: int, seed: int, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / f"mnist1d-n{num_samples}-seed{seed}-v{_FORMAT}.npz"
 
 
-def generate(num_samples: int, seed: int = 42) -> dict[str, np.ndarray]:
+def check_num_samples(num_samples: int) -> None:
+    """Raises ``ValueError`` unless ``num_samples`` is an int, a multiple of 10, >= 20.
+
+    ``mnist1d`` makes ``num_samples // 10`` sequences per class, so the count is
+    exact only for multiples of 10; a float (even ``100.0``) is refused rather than
+    rounded.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer):
+        raise ValueError(f"num_samples must be an integer, got {num_samples!r}")
+    check_int("num_samples", num_samples, low=2 * NUM_CLASSES)
+    if num_samples % NUM_CLASSES:
+        raise ValueError(
+            f"num_samples must be a multiple of {NUM_CLASSES}, got {num_samples!r}"
+        )
+
+
+def generate(num_samples: int, seed: int = SEED) -> Arrays:
     """Generates MNIST-1D with ``mnist1d.data.make_dataset`` (no download).
 
     Args:
       num_samples: the number of sequences, train and test together (a multiple of
-        10; the package makes ``num_samples // 10`` per class). 80% are training
-        sequences, the package's default split.
+        10, at least 20; the package makes ``num_samples // 10`` per class). 80% are
+        training sequences, the package's default split.
       seed: the package's generation seed (its default is 42).
 
     Returns:
       ``{"x_train", "y_train", "x_test", "y_test"}``: float32 ``(N, 40, 1)``
       sequences (channels-last, standardized by the package) and int32 labels.
     """
-    _check_num_samples(num_samples)
+    check_num_samples(num_samples)
     # mnist1d imports matplotlib.pyplot at import time: keep it off any GUI backend.
     import matplotlib
 
@@ -79,9 +103,9 @@ def generate(num_samples: int, seed: int = 42) -> dict[str, np.ndarray]:
 def load(
     num_samples: int = STANDARD_SAMPLES,
     *,
-    seed: int = 42,
+    seed: int = SEED,
     cache_dir: str | Path | None = None,
-) -> tuple[dict[str, np.ndarray], bool]:
+) -> tuple[Arrays, bool]:
     """Returns the cached dataset, generating and caching it on the first call.
 
     Args:
@@ -93,33 +117,12 @@ def load(
       ``(arrays, generated)``: the arrays of ``generate`` and whether they were
       generated now (False: read from the cache).
     """
-    _check_num_samples(num_samples)
+    check_num_samples(num_samples)
     path = cache_path(num_samples, seed, cache_dir or default_cache_dir())
     if path.exists():
         with np.load(path) as cached:
             return {key: cached[key] for key in cached.files}, False
     arrays = generate(num_samples, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so that a concurrent reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Written then renamed: a concurrent reader never sees half a file.
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     return arrays, True
-
-
-def _check_num_samples(num_samples: int) -> None:
-    if (
-        isinstance(num_samples, bool)
-        or not isinstance(num_samples, int | np.integer)
-        or num_samples < 20
-        or num_samples % NUM_CLASSES
-    ):
-        raise ValueError(
-            f"num_samples must be an integer multiple of {NUM_CLASSES}, at least 20, "
-            f"got {num_samples!r}"
-        )

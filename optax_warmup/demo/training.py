@@ -1,0 +1,185 @@
+"""One training run of a classifier on one device mesh, with per-epoch curves.
+
+The train step is one ``jax.jit`` function of the public API: the model's forward
+pass in training mode (ghost BatchNorm updates its statistics), the label-smoothed
+cross-entropy ``ow.smoothed_cross_entropy``, its gradient and the optimizer's
+update. The batch is sharded over the ``data`` axis of a ``jax.sharding.Mesh``
+(data parallelism; XLA all-reduces the gradients), the parameters and the
+optimizer state are replicated. The epoch loop, the shuffling and the evaluation are
+plain Python around it, so an experiment only chooses the model, the optimizer and
+the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import optax_warmup as ow
+from optax_warmup.demo.experiment import Arrays, OnEpoch
+
+Readout = Callable[[optax.OptState], Any]  # opt_state -> a scalar, once per epoch
+DEFAULT_READOUTS: Mapping[str, Readout] = {"lr": ow.current_lr}
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh ``("data",)`` over ``devices`` (default: all of them)."""
+    return Mesh(np.asarray(devices or jax.devices()), ("data",))
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch (the remainder of each shuffled epoch is dropped)."""
+    steps = num_examples // batch_size
+    if steps < 1:
+        raise ValueError(
+            f"batch_size {batch_size} is larger than the {num_examples} examples"
+        )
+    return steps
+
+
+_STEPS: dict[Hashable, tuple[Callable, Callable]] = {}  # compiled once per process
+
+
+def _steps(
+    key: Hashable | None, train_def, eval_def, tx, label_smoothing: float
+) -> tuple[Callable, Callable]:
+    """The jitted train and eval steps, shared by every run with the same ``key``."""
+    if key is not None and key in _STEPS:
+        return _STEPS[key]
+
+    @jax.jit
+    def train_step(params, stats, opt_state, x, y):
+        def loss_fn(params, stats):
+            model = nnx.merge(train_def, params, stats, copy=True)
+            logits = model(x)
+            loss = ow.smoothed_cross_entropy(logits, y, label_smoothing).mean()
+            return loss, (nnx.state(model, nnx.BatchStat), logits)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (stats, logits)), grads = grad_fn(params, stats)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        error = jnp.mean(jnp.argmax(logits, -1) != y)
+        return params, stats, opt_state, loss, error
+
+    @jax.jit
+    def errors(params, stats, x, y):
+        logits = nnx.merge(eval_def, params, stats, copy=True)(x)
+        return jnp.sum(jnp.argmax(logits, -1) != y)
+
+    if key is not None:
+        _STEPS[key] = (train_step, errors)
+    return train_step, errors
+
+
+def _put(arrays: Any, sharding: NamedSharding) -> Any:
+    """Host arrays onto the mesh. This process holds every device of the mesh; on a
+    mesh that spans processes each would give its own slice instead
+    (``jax.make_array_from_process_local_data``)."""
+    return jax.device_put(arrays, sharding)
+
+
+def train_classifier(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    data: Arrays,
+    *,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    label_smoothing: float = 0.0,
+    mesh: Mesh | None = None,
+    on_epoch: OnEpoch | None = None,
+    readouts: Mapping[str, Readout] = DEFAULT_READOUTS,
+    step_key: Hashable | None = None,
+) -> dict[str, Any]:
+    """Trains ``model`` with ``tx`` for ``epochs`` and returns its per-epoch curves.
+
+    Args:
+      model: a freshly initialized ``nnx`` classifier (its weights are not changed:
+        the run trains a copy of its state).
+      tx: the optimizer, built for ``steps_per_epoch(len(y_train), batch_size)``
+        updates per epoch.
+      data: ``{"x_train", "y_train", "x_test", "y_test"}`` host arrays.
+      batch_size: the global batch of one update; a multiple of the mesh size.
+      epochs: passes over the shuffled training set.
+      seed: seeds the order of the examples (``np.random.default_rng(seed)``).
+      label_smoothing: α of ``ow.smoothed_cross_entropy``.
+      mesh: the devices; the batch is split over its ``data`` axis (default: a
+        mesh over every device).
+      on_epoch: called as ``on_epoch(epoch, test_error)`` after each epoch.
+      readouts: per-epoch values read from the optimizer state after the epoch's
+        last update, by name (default: ``ow.current_lr`` as ``lr``).
+      step_key: a hashable key that determines the model's structure, ``tx`` and
+        ``label_smoothing``; runs with the same key reuse the compiled steps
+        (None: compile afresh).
+
+    Returns:
+      ``steps_per_epoch``, ``diverged``, ``seconds`` and per-epoch lists:
+      ``train_loss`` and ``train_error`` (the mean over the epoch's batches in
+      training mode; a non-finite loss is None), ``test_error`` (eval mode after
+      the epoch) and each readout. A run whose loss turns NaN or infinite stops
+      after that epoch (``diverged``): the rest would be chance.
+    """
+    start = time.perf_counter()
+    x_train, y_train = data["x_train"], data["y_train"]
+    steps = steps_per_epoch(len(y_train), batch_size)
+    mesh = mesh or data_mesh()
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size {batch_size} does not split over {mesh.size} devices"
+        )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+
+    model.train()
+    train_def, *states = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, stats = states
+    model.eval()
+    eval_def = nnx.graphdef(model)
+    train_step, errors = _steps(step_key, train_def, eval_def, tx, label_smoothing)
+    params, stats = _put((params, stats), replicated)
+    opt_state = _put(tx.init(params), replicated)
+    x_test, y_test = _put((data["x_test"], data["y_test"]), replicated)
+
+    rng = np.random.default_rng(seed)
+    curves: dict[str, list] = {
+        k: [] for k in ("train_loss", "train_error", "test_error", *readouts)
+    }
+    diverged = False
+    for epoch in range(epochs):
+        order = rng.permutation(len(y_train))[: steps * batch_size]
+        losses, errs = [], []
+        for idx in order.reshape(steps, batch_size):
+            x, y = _put((x_train[idx], y_train[idx]), sharded)
+            params, stats, opt_state, loss, err = train_step(
+                params, stats, opt_state, x, y
+            )
+            losses.append(loss)
+            errs.append(err)
+        train_loss = float(np.mean(jax.device_get(losses)))
+        test_error = float(errors(params, stats, x_test, y_test)) / len(y_test)
+        curves["train_loss"].append(train_loss if np.isfinite(train_loss) else None)
+        curves["train_error"].append(float(np.mean(jax.device_get(errs))))
+        curves["test_error"].append(test_error)
+        for name, read in readouts.items():
+            curves[name].append(float(read(opt_state)))
+        if on_epoch is not None:
+            on_epoch(epoch, test_error)
+        if not np.isfinite(train_loss):
+            diverged = True
+            break
+    return {
+        "steps_per_epoch": steps,
+        "diverged": diverged,
+        "seconds": time.perf_counter() - start,
+        **curves,
+    }
