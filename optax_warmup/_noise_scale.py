@@ -305,7 +305,7 @@ def _mean_loss(loss: jax.Array, axis_name: Any) -> jax.Array:
 class NoiseScaleState(NamedTuple):
     """State of ``track_noise_scale``."""
 
-    count: jax.Array  # int32 scalar: the number of updates so far.
+    count: jax.Array  # type: ignore[assignment]  # int32 scalar: updates so far.
     g2: jax.Array  # float32 scalar: the bias-corrected moving average of |G|².
     trace_sigma: jax.Array  # float32 scalar: the same of tr(Σ).
 
@@ -413,17 +413,11 @@ def track_noise_scale(
                 "(from ow.average_group_grads or ow.value_and_grad_by_group), "
                 f"missing {', '.join(missing)}"
             )
-        for name, value in (
-            ("small_sq_norm", small_sq_norm),
-            ("big_sq_norm", big_sq_norm),
-        ):
-            if jnp.ndim(value) != 0:
-                raise ValueError(
-                    f"{name} must be a scalar, got shape {jnp.shape(value)}"
-                )
-        g2, trace_sigma = noise_scale_estimates(
-            small_sq_norm, big_sq_norm, b_small, b_big
-        )
+        small, big = jnp.asarray(small_sq_norm), jnp.asarray(big_sq_norm)
+        for name, value in (("small_sq_norm", small), ("big_sq_norm", big)):
+            if value.ndim != 0:
+                raise ValueError(f"{name} must be a scalar, got shape {value.shape}")
+        g2, trace_sigma = noise_scale_estimates(small, big, b_small, b_big)
         count = optax.safe_increment(state.count)
         d = jnp.float32(decay)
         weight = (1 - d) / (1 - jnp.power(d, count.astype(jnp.float32)))

@@ -13,7 +13,6 @@ the two never disagree.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -101,8 +100,3 @@ def describe_shape(shape: tuple[int, ...], layers: int) -> str:
         return str(shape)
     stack = " × ".join(str(n) for n in shape[:layers])
     return f"{stack} × {shape[layers:]}"
-
-
-def num_layers(shape: tuple[int, ...], layers: int) -> int:
-    """How many layers a leaf of ``shape`` with ``layers`` stacked axes holds."""
-    return math.prod(shape[:layers])

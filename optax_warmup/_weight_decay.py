@@ -379,9 +379,8 @@ def masked_weight_decay(
     Raises:
       ValueError: ``weight_decay`` is negative, NaN or infinite; ``mask`` is a bare
         bool or array (what ``inject_hyperparams`` makes of a mask function); at
-        ``init`` or
-        ``update``, the mask does not match the params (naming the first path that
-        differs).
+        ``init`` or ``update``, the mask does not match the params (naming the
+        first path that differs).
 
     Example:
       >>> import jax.numpy as jnp, optax

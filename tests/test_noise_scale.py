@@ -539,8 +539,9 @@ import optax_warmup as ow
 
 mode, directory, out = sys.argv[1:4]
 TOTAL, SAVE_AT, D = 12, 5, 8
-tx = optax.chain(ow.track_noise_scale(8, 64, decay=0.8),
-                 ow.goyal_sgd(batch_size=64, steps_per_epoch=2, warmup_epochs=2, milestones=(4,)))
+recipe = ow.goyal_sgd(batch_size=64, steps_per_epoch=2, warmup_epochs=2,
+                      milestones=(4,))
+tx = optax.chain(ow.track_noise_scale(8, 64, decay=0.8), recipe)
 w_star = jnp.arange(D, dtype=jnp.float32) / D
 
 def loss_fn(w, x, y):
