@@ -1,6 +1,6 @@
 """What goyal_sgd costs in a train step: time, and the HLO operations of its schedule.
 
-Claim (issue 3): a jitted train step of a small CNN with BatchNorm takes no more than
+Claim: a jitted train step of a small CNN with BatchNorm takes no more than
 2% longer with ``ow.goyal_sgd`` (masked weight decay, gradual warmup, milestones)
 than with ``optax.sgd`` at a constant rate with the same momentum and no decay; and
 ``ow.goyal_schedule`` compiles to fewer HLO operations than the same schedule built

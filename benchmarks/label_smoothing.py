@@ -1,6 +1,6 @@
 """What label smoothing costs: ``ow.smoothed_cross_entropy`` against the one-hot way.
 
-Claims (issue 4), float32, jitted, forward and forward+backward (``value_and_grad``
+Claims, float32, jitted, forward and forward+backward (``value_and_grad``
 of the mean loss with respect to the logits), at (B, K) = (4096, 32000) and
 (2048, 128256):
 

@@ -62,9 +62,16 @@ def as_schedule(name: str, value: optax.ScalarOrSchedule) -> optax.Schedule:
 
 
 def fractions(t: jax.Array, length: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(done, left) of a phase of ``length`` steps at its step ``t``, in [0, 1]."""
+    """(done, left) of a phase of ``length`` steps at its step ``t``, in [0, 1].
+
+    Both are exact at the ends (``left`` is 1 at ``t <= 0``, ``done`` is 1 at
+    ``t >= length``): XLA may divide by a constant as a product with its rounded
+    reciprocal, which would leave ``41 / 41`` one ulp short of 1.
+    """
     span = jnp.maximum(length, 1.0)
-    return jnp.clip(t / span, 0.0, 1.0), jnp.clip((length - t) / span, 0.0, 1.0)
+    done = jnp.where(t >= length, 1.0, jnp.clip(t / span, 0.0, 1.0))
+    left = jnp.where(t <= 0, 1.0, jnp.clip((length - t) / span, 0.0, 1.0))
+    return done, left
 
 
 def warmup_piece(
