@@ -10,6 +10,8 @@ reductions and a gather only.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -261,14 +263,17 @@ def _smoothed_cross_entropy(
 # XLA:CPU (jax 0.10) computes exp(z - max) about four times slower per element on
 # rows longer than 32768 than on shorter rows; the same elements laid out as a 2-D
 # (rows · pieces, K / pieces) array run at full speed (measured at K = 128256, for
-# optax's integer-label loss too). The reshape is free (a bitcast). Other backends
-# get the plain rows.
+# optax's integer-label loss too). The reshape is free (a bitcast). The choice is
+# made when the program is lowered (``jax.lax.platform_dependent``), not when it is
+# traced, so a function traced on one backend and lowered or exported for another
+# (``jax.export`` with several ``platforms``, ahead-of-time compilation for a GPU
+# from a CPU host) gets each platform's own path; other backends get the plain rows.
 _CPU_ROW_LIMIT = 32768
 
 
 def _row_pieces(num_classes: int) -> int:
-    """The fewest equal pieces of at most _CPU_ROW_LIMIT classes a row cuts into."""
-    if num_classes <= _CPU_ROW_LIMIT or jax.default_backend() != "cpu":
+    """The fewest equal pieces of at most _CPU_ROW_LIMIT classes a CPU row cuts into."""
+    if num_classes <= _CPU_ROW_LIMIT:
         return 1
     for pieces in range(-(-num_classes // _CPU_ROW_LIMIT), num_classes // 1024 + 1):
         if num_classes % pieces == 0:
@@ -282,17 +287,32 @@ def _row_max(z: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(row_max), row_max, 0)
 
 
-def _sum_exp_shifted(z: jax.Array, row_max: jax.Array) -> jax.Array:
-    """Σ_k exp(z_k - row_max) over the last axis, in row pieces on CPU."""
+def _sum_exp_plain(z: jax.Array, row_max: jax.Array) -> jax.Array:
+    """Σ_k exp(z_k - row_max) over the last axis."""
+    return jnp.sum(jnp.exp(z - row_max[..., None]), axis=-1)
+
+
+def _sum_exp_in_pieces(z: jax.Array, row_max: jax.Array, pieces: int) -> jax.Array:
+    """Σ_k exp(z_k - row_max), each row summed as ``pieces`` equal pieces."""
     num_classes = z.shape[-1]
-    pieces = _row_pieces(num_classes)
-    if pieces == 1:
-        return jnp.sum(jnp.exp(z - row_max[..., None]), axis=-1)
     flat_max = row_max.reshape(-1, 1)
     shift = jnp.broadcast_to(flat_max, (flat_max.shape[0], pieces)).reshape(-1, 1)
     exp_pieces = jnp.exp(z.reshape(-1, num_classes // pieces) - shift)
     sums = jnp.sum(exp_pieces, axis=-1).reshape(*z.shape[:-1], pieces)
     return jnp.sum(sums, axis=-1)
+
+
+def _sum_exp_shifted(z: jax.Array, row_max: jax.Array) -> jax.Array:
+    """Σ_k exp(z_k - row_max): in row pieces on CPU, plain rows elsewhere."""
+    pieces = _row_pieces(z.shape[-1])
+    if pieces == 1:
+        return _sum_exp_plain(z, row_max)
+    return jax.lax.platform_dependent(
+        z,
+        row_max,
+        cpu=functools.partial(_sum_exp_in_pieces, pieces=pieces),
+        default=_sum_exp_plain,
+    )
 
 
 def _logsumexp(z: jax.Array) -> jax.Array:

@@ -7,6 +7,7 @@ construct the loss replaces: softmax_cross_entropy(logits, smooth_labels(one_hot
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -444,6 +445,52 @@ def test_long_rows_cut_into_pieces_on_cpu_give_the_same_values(num_classes):
     )
     np.testing.assert_allclose(per_row, loss, rtol=1e-6)
     grad = jax.grad(lambda z: ow.smoothed_cross_entropy(z, labels, 0.1).sum())(logits)
+    np.testing.assert_allclose(
+        grad, np_smoothed_ce_grad(logits, labels, 0.1), atol=1e-6
+    )
+
+
+def _exp_shapes(module_text):
+    """The shapes of the float32 arrays that ``exp`` runs over in a StableHLO module."""
+    return set(
+        re.findall(r"stablehlo\.exponential %\S+ : tensor<([\dx]+)xf32>", module_text)
+    )
+
+
+def test_cpu_row_pieces_are_chosen_at_lowering_time_not_trace_time():
+    # Traced once on this CPU host, exported for CPU and CUDA: each platform gets
+    # its own path. 40000 classes cut into 2 pieces of 20000 on CPU only.
+    shape = (2, 3, 40000)
+    pieces, plain = "12x20000", "2x3x40000"
+
+    def f(z, y):
+        return ow.smoothed_cross_entropy(z, y, 0.1)
+
+    args = (
+        jax.ShapeDtypeStruct(shape, jnp.float32),
+        jax.ShapeDtypeStruct(shape[:-1], jnp.int32),
+    )
+
+    def exported(*platforms):
+        return jax.export.export(jax.jit(f), platforms=platforms)(*args)
+
+    assert _exp_shapes(exported("cpu").mlir_module()) == {pieces}
+    assert _exp_shapes(exported("cuda").mlir_module()) == {plain}
+    both = exported("cpu", "cuda")
+    assert both.platforms == ("cpu", "cuda")
+    text = both.mlir_module()
+    # One module with both paths, chosen by the platform it is compiled for.
+    assert _exp_shapes(text) == {pieces, plain}
+    assert "_platform_index" in text and "stablehlo.case" in text
+    # Compiled here (CPU), the choice is resolved: the pieces, no conditional left.
+    logits, labels = make(shape, scale=5.0)
+    compiled = jax.jit(both.call).lower(logits, labels).compile().as_text()
+    assert "f32[12,20000]" in compiled and "conditional" not in compiled
+    # And the CPU result is the reference's, values and gradients.
+    np.testing.assert_allclose(
+        both.call(logits, labels), np_smoothed_ce(logits, labels, 0.1), rtol=1e-5
+    )
+    grad = jax.grad(lambda z: both.call(z, labels).sum())(logits)
     np.testing.assert_allclose(
         grad, np_smoothed_ce_grad(logits, labels, 0.1), atol=1e-6
     )
