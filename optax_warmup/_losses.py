@@ -156,9 +156,12 @@ def smoothed_cross_entropy(
     * Integer labels outside ``[0, K)`` (including negative ones such as ``-100``)
       give a NaN loss, never a plausible finite number; the gradient of such a row
       is zero. Mask padding with ``where`` instead.
-    * Logits up to ±1e4 in float32 are fine (the log-sum-exp is shifted by the row
-      maximum). bf16 and float16 logits are reduced in float32 and the loss is
-      float32; the gradient has the dtype of ``logits``.
+    * Logits up to ±1e4 in float32 are fine. With integer labels the forward
+      log-sum-exp is shifted by the row mean (which the loss needs anyway, so it
+      reads the logits no more often than the unsmoothed loss does), and by the
+      row maximum when that would overflow; elsewhere by the row maximum.
+    * bf16 and float16 logits are reduced in float32 and the loss is float32; the
+      gradient has the dtype of ``logits``.
 
     Args:
         logits: Floating logits, classes on the last axis; any leading axes.
@@ -321,6 +324,30 @@ def _logsumexp(z: jax.Array) -> jax.Array:
     return jnp.log(_sum_exp_shifted(z, row_max)) + row_max
 
 
+def _logsumexp_about_mean(
+    z: jax.Array, row_mean: jax.Array, check: jax.Array
+) -> jax.Array:
+    """logsumexp over the last axis, shifted by the row mean where that is safe.
+
+    The loss needs the row mean anyway; shifting exp by it instead of by the row
+    maximum saves the pass over the logits that finds the maximum, so the forward
+    pass reads the logits as often as the unsmoothed loss does. The largest term
+    exp(max - mean) is at least 1, so the sum cannot underflow; it overflows to inf
+    when max - mean exceeds about 88 - log K (float32), and is NaN for NaN or inf
+    logits. If any row where ``check`` holds has a sum that is not finite, every row
+    is recomputed with the maximum as the shift (a ``lax.cond``, so only one branch
+    runs; under ``vmap`` both run and the right one is selected).
+    """
+    shift = jax.lax.stop_gradient(row_mean)
+    sum_exp = _sum_exp_shifted(z, shift)
+    safe = jnp.all(jnp.isfinite(sum_exp) | ~check)
+    return jax.lax.cond(
+        safe,
+        lambda: jnp.log(sum_exp) + shift,
+        lambda: _logsumexp(z),
+    )
+
+
 def _mix(target_term: jax.Array, uniform_term: jax.Array, a: jax.Array) -> jax.Array:
     """(1 - a)·target + a·uniform, exact at a = 0 and a = 1 even if a term is inf."""
     return jnp.where(a == 1, 0, (1 - a) * target_term) + jnp.where(
@@ -329,7 +356,12 @@ def _mix(target_term: jax.Array, uniform_term: jax.Array, a: jax.Array) -> jax.A
 
 
 def _integer_label_terms(
-    z: jax.Array, labels: jax.Array, a: jax.Array, mask: jax.Array, lse: jax.Array
+    z: jax.Array,
+    labels: jax.Array,
+    a: jax.Array,
+    mask: jax.Array,
+    lse: jax.Array,
+    row_mean: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The loss and the row statistics its derivative needs, given logsumexp(z).
 
@@ -344,7 +376,7 @@ def _integer_label_terms(
     # logits, without a (…, K) temporary.
     z_y = jnp.take_along_axis(z, safe_labels[..., None], axis=-1, mode="clip")[..., 0]
     target_term = lse - z_y
-    uniform_term = lse - jnp.mean(z, axis=-1)
+    uniform_term = lse - row_mean
     loss = jnp.where(valid, _mix(target_term, uniform_term, a), jnp.nan)
     loss = jnp.where(mask, loss, 0)
     return loss, target_term, uniform_term, valid & mask
@@ -355,8 +387,9 @@ def _integer_label_loss(
     z: jax.Array, labels: jax.Array, a: jax.Array, mask: jax.Array
 ) -> jax.Array:
     """The loss from integer labels: NaN for labels outside [0, K), 0 where masked."""
-    lse = _logsumexp(z)
-    return _integer_label_terms(z, labels, a, mask, lse)[0]
+    row_mean = jnp.mean(z, axis=-1)
+    lse = _logsumexp_about_mean(z, row_mean, mask)
+    return _integer_label_terms(z, labels, a, mask, lse, row_mean)[0]
 
 
 @_integer_label_loss.defjvp
@@ -378,7 +411,7 @@ def _integer_label_loss_jvp(primals, tangents):
     sum_exp = jnp.sum(exp_shifted, axis=-1)
     lse = jnp.log(sum_exp) + row_max
     loss, target_term, uniform_term, keep = _integer_label_terms(
-        z, labels, a, mask, lse
+        z, labels, a, mask, lse, jnp.mean(z, axis=-1)
     )
     a_k = a[..., None]
     classes = jax.lax.broadcasted_iota(labels.dtype, z.shape, z.ndim - 1)

@@ -482,10 +482,11 @@ def test_cpu_row_pieces_are_chosen_at_lowering_time_not_trace_time():
     # One module with both paths, chosen by the platform it is compiled for.
     assert _exp_shapes(text) == {pieces, plain}
     assert "_platform_index" in text and "stablehlo.case" in text
-    # Compiled here (CPU), the choice is resolved: the pieces, no conditional left.
+    # Compiled here (CPU), the choice is resolved: exp runs over the pieces only.
     logits, labels = make(shape, scale=5.0)
     compiled = jax.jit(both.call).lower(logits, labels).compile().as_text()
-    assert "f32[12,20000]" in compiled and "conditional" not in compiled
+    exps = re.findall(r"= f32\[([\d,]+)\]\S* exponential\(", compiled)
+    assert exps and set(exps) == {"12,20000"}, exps
     # And the CPU result is the reference's, values and gradients.
     np.testing.assert_allclose(
         both.call(logits, labels), np_smoothed_ce(logits, labels, 0.1), rtol=1e-5
@@ -494,6 +495,32 @@ def test_cpu_row_pieces_are_chosen_at_lowering_time_not_trace_time():
     np.testing.assert_allclose(
         grad, np_smoothed_ce_grad(logits, labels, 0.1), atol=1e-6
     )
+
+
+@pytest.mark.parametrize("peak", [60.0, 85.0, 120.0, 1e30])
+def test_forward_is_exact_for_any_spread_of_the_logits(peak):
+    # The forward pass shifts exp by the row mean, which the loss needs anyway;
+    # when a row's max - mean passes ~88 the sum overflows and every row is
+    # recomputed with the max as the shift. Both sides of that edge, jitted and
+    # under vmap (where both branches run), must match the float64 reference.
+    logits, labels = make((5, 4000))
+    logits = np.array(logits)
+    logits[1, 7] = peak
+    labels = np.array(labels)
+    labels[3] = 7
+    expected = np_smoothed_ce(logits, labels, 0.1)
+    loss = ow.smoothed_cross_entropy(logits, labels, 0.1)
+    np.testing.assert_allclose(loss, expected, rtol=2e-6)
+    per_row = jax.vmap(ow.smoothed_cross_entropy, in_axes=(0, 0, None))(
+        logits, labels, 0.1
+    )
+    np.testing.assert_allclose(per_row, expected, rtol=2e-6)
+    # A masked row of NaN logits neither changes the other rows nor shows.
+    logits[4] = np.nan
+    where = np.arange(5) != 4
+    masked = ow.smoothed_cross_entropy(logits, labels, 0.1, where=where)
+    np.testing.assert_allclose(masked[:4], expected[:4], rtol=2e-6)
+    assert masked[4] == 0
 
 
 def test_large_vocabulary_labels_in_small_dtype():
