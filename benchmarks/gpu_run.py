@@ -22,13 +22,14 @@ short epochs, with ``-dry-run`` in the file names: it runs on a CPU in minutes a
 writes files of the same shape (the tests run it with ``--bench-dir`` pointing at a
 tiny script).
 
-On the device machine of this workplace (an H200 whose image has JAX with CUDA,
-flax, optax, chex, torch, scipy, tqdm and matplotlib, but not mnist1d, and no
-network), from the repository root, with the wheel downloaded beforehand into an
-ignored ``.whl/`` folder here (``echo /.whl/ >> .git/info/exclude``, then
-``python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
---implementation cp --platform manylinux_2_28_x86_64 -d .whl mnist1d==0.0.2.post1``),
-the device tool's ``run`` gets ``carry=[".whl"]``, ``timeout_s=540`` and::
+On a GPU host without network access whose Python 3.12 has JAX with CUDA, flax,
+optax, chex, torch, scipy, tqdm and matplotlib but not mnist1d (the demo's data),
+download the wheel beforehand into an ignored ``.whl/`` folder of the repository
+(``echo /.whl/ >> .git/info/exclude``, then ``python3 -m pip download --no-deps
+--only-binary=:all: --python-version 3.12 -d .whl mnist1d==0.0.2.post1``), send
+it along with the working tree (a remote-run tool's ``carry=[".whl"]``; allow it
+``timeout_s=540``), and run from the repository root, with ``$OUT`` the folder
+that comes back::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir
     --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site
