@@ -178,3 +178,33 @@ def test_gpu_run_is_not_run_by_run_all():
     names = [p.name for p in _load_run_all().discover()]
     assert "gpu_run.py" not in names
     assert {"label_smoothing.py", "goyal_sgd_step.py"} <= set(names)
+
+
+def _load_script(name):
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_label_smoothing_sizes_per_backend():
+    script = _load_script("label_smoothing")
+    cpu = script.plan(quick=False, backend="cpu")
+    assert cpu["shapes"] == [(4096, 32000), (2048, 128256)]
+    assert cpu["dtypes"] == ["float32"] and cpu["calls"] == 1
+    assert cpu["at_least"] == {} and cpu["targets"]["time_vs_integer"] == 1.1
+    quick = script.plan(quick=True, backend="cpu")
+    assert quick["dtypes"] == ["float32", "bfloat16"]
+    assert max(b * k for b, k in quick["shapes"]) <= 2**20
+    gpu = script.plan(quick=False, backend="gpu")
+    assert gpu["shapes"] == cpu["shapes"] and gpu["dtypes"] == quick["dtypes"]
+    assert gpu["calls"] > 1 and gpu["at_least"] == {"bandwidth_fraction": 0.6}
+    assert gpu["targets"]["time_vs_integer"] == 1.05
+    assert gpu["targets"]["time_vs_one_hot"] == 0.5
+
+
+def test_imagenet_sized_step_is_skipped_on_cpu_unless_quick():
+    script = _load_script("goyal_sgd_step")
+    skipped = script.imagenet_step(quick=False, backend="cpu")
+    assert set(skipped) == {"skipped"} and "ResNet-50" in skipped["skipped"]
