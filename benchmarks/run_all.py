@@ -1,14 +1,18 @@
 """Runs every benchmark script and writes one JSON file and one Markdown table.
 
 ``python benchmarks/run_all.py [--quick]`` runs each ``benchmarks/*.py`` (all but
-``_common.py`` and this file) in its own Python process, so that one benchmark's
+``_common.py``, this file and ``gpu_run.py``, which runs this one on an accelerator
+host) in its own Python process, so that one benchmark's
 compiled programs and memory never weigh on the next, by calling the script's
 ``main(quick=...) -> dict``. It writes ``benchmarks/results/<backend>-<device>.json``
 (``-quick`` before the suffix for a quick run) with the environment and every
 script's returned dict, and the Markdown next to it (``.md``, also printed): a
 summary table of the scripts, then the tables that each script printed. A script
 that fails is recorded with its error, the others still run, and the exit status is
-1. The same command runs on CPU, GPU and TPU hosts.
+1. The same command runs on CPU, GPU and TPU hosts; on a GPU the runner itself does
+not preallocate device memory (``XLA_PYTHON_CLIENT_PREALLOCATE=false``), so that
+the scripts, which run with the environment it was given, have the device to
+themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import RESULTS_DIR, device_tag, environment  # noqa: E402
 
-SKIP = {"_common.py", Path(__file__).name}
+SKIP = {"_common.py", "gpu_run.py", Path(__file__).name}
 
 # Imports the script as a module, calls main(quick), and writes its dict as JSON.
 _CHILD = """
@@ -66,7 +71,9 @@ def markdown_tables(text: str) -> list[str]:
     return tables
 
 
-def run_script(path: Path, quick: bool) -> dict[str, Any]:
+def run_script(
+    path: Path, quick: bool, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Runs one script in a child process; its output is shown as it comes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -78,6 +85,7 @@ def run_script(path: Path, quick: bool) -> dict[str, Any]:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=env,
         ) as child:
             assert child.stdout is not None
             for line in child.stdout:
@@ -146,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"no benchmark script named {sorted(unknown)}")
         scripts = [p for p in scripts if p.stem in wanted]
+    # The scripts get the environment as given; this process only asks JAX which
+    # device it is on, and must not hold the device memory that they need.
+    child_env = dict(os.environ)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     report: dict[str, Any] = {
         "command": [
             "python",
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for path in scripts:
         print(f"=== {path.stem} ===", flush=True)
-        report["benchmarks"][path.stem] = run_script(path, args.quick)
+        report["benchmarks"][path.stem] = run_script(path, args.quick, child_env)
 
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stem = device_tag() + ("-quick" if args.quick else "")

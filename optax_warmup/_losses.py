@@ -10,6 +10,8 @@ reductions and a gather only.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,9 +156,12 @@ def smoothed_cross_entropy(
     * Integer labels outside ``[0, K)`` (including negative ones such as ``-100``)
       give a NaN loss, never a plausible finite number; the gradient of such a row
       is zero. Mask padding with ``where`` instead.
-    * Logits up to ±1e4 in float32 are fine (the log-sum-exp is shifted by the row
-      maximum). bf16 and float16 logits are reduced in float32 and the loss is
-      float32; the gradient has the dtype of ``logits``.
+    * Logits up to ±1e4 in float32 are fine. With integer labels the forward
+      log-sum-exp is shifted by the row mean (which the loss needs anyway, so it
+      reads the logits no more often than the unsmoothed loss does), and by the
+      row maximum when that would overflow; elsewhere by the row maximum.
+    * bf16 and float16 logits are reduced in float32 and the loss is float32; the
+      gradient has the dtype of ``logits``.
 
     Args:
         logits: Floating logits, classes on the last axis; any leading axes.
@@ -261,14 +266,17 @@ def _smoothed_cross_entropy(
 # XLA:CPU (jax 0.10) computes exp(z - max) about four times slower per element on
 # rows longer than 32768 than on shorter rows; the same elements laid out as a 2-D
 # (rows · pieces, K / pieces) array run at full speed (measured at K = 128256, for
-# optax's integer-label loss too). The reshape is free (a bitcast). Other backends
-# get the plain rows.
+# optax's integer-label loss too). The reshape is free (a bitcast). The choice is
+# made when the program is lowered (``jax.lax.platform_dependent``), not when it is
+# traced, so a function traced on one backend and lowered or exported for another
+# (``jax.export`` with several ``platforms``, ahead-of-time compilation for a GPU
+# from a CPU host) gets each platform's own path; other backends get the plain rows.
 _CPU_ROW_LIMIT = 32768
 
 
 def _row_pieces(num_classes: int) -> int:
-    """The fewest equal pieces of at most _CPU_ROW_LIMIT classes a row cuts into."""
-    if num_classes <= _CPU_ROW_LIMIT or jax.default_backend() != "cpu":
+    """The fewest equal pieces of at most _CPU_ROW_LIMIT classes a CPU row cuts into."""
+    if num_classes <= _CPU_ROW_LIMIT:
         return 1
     for pieces in range(-(-num_classes // _CPU_ROW_LIMIT), num_classes // 1024 + 1):
         if num_classes % pieces == 0:
@@ -282,12 +290,14 @@ def _row_max(z: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(row_max), row_max, 0)
 
 
-def _sum_exp_shifted(z: jax.Array, row_max: jax.Array) -> jax.Array:
-    """Σ_k exp(z_k - row_max) over the last axis, in row pieces on CPU."""
+def _sum_exp_plain(z: jax.Array, row_max: jax.Array) -> jax.Array:
+    """Σ_k exp(z_k - row_max) over the last axis."""
+    return jnp.sum(jnp.exp(z - row_max[..., None]), axis=-1)
+
+
+def _sum_exp_in_pieces(z: jax.Array, row_max: jax.Array, pieces: int) -> jax.Array:
+    """Σ_k exp(z_k - row_max), each row summed as ``pieces`` equal pieces."""
     num_classes = z.shape[-1]
-    pieces = _row_pieces(num_classes)
-    if pieces == 1:
-        return jnp.sum(jnp.exp(z - row_max[..., None]), axis=-1)
     flat_max = row_max.reshape(-1, 1)
     shift = jnp.broadcast_to(flat_max, (flat_max.shape[0], pieces)).reshape(-1, 1)
     exp_pieces = jnp.exp(z.reshape(-1, num_classes // pieces) - shift)
@@ -295,10 +305,47 @@ def _sum_exp_shifted(z: jax.Array, row_max: jax.Array) -> jax.Array:
     return jnp.sum(sums, axis=-1)
 
 
+def _sum_exp_shifted(z: jax.Array, row_max: jax.Array) -> jax.Array:
+    """Σ_k exp(z_k - row_max): in row pieces on CPU, plain rows elsewhere."""
+    pieces = _row_pieces(z.shape[-1])
+    if pieces == 1:
+        return _sum_exp_plain(z, row_max)
+    return jax.lax.platform_dependent(
+        z,
+        row_max,
+        cpu=functools.partial(_sum_exp_in_pieces, pieces=pieces),
+        default=_sum_exp_plain,
+    )
+
+
 def _logsumexp(z: jax.Array) -> jax.Array:
     """logsumexp over the last axis, shifted by the row maximum."""
     row_max = _row_max(z)
     return jnp.log(_sum_exp_shifted(z, row_max)) + row_max
+
+
+def _logsumexp_about_mean(
+    z: jax.Array, row_mean: jax.Array, check: jax.Array
+) -> jax.Array:
+    """logsumexp over the last axis, shifted by the row mean where that is safe.
+
+    The loss needs the row mean anyway; shifting exp by it instead of by the row
+    maximum saves the pass over the logits that finds the maximum, so the forward
+    pass reads the logits as often as the unsmoothed loss does. The largest term
+    exp(max - mean) is at least 1, so the sum cannot underflow; it overflows to inf
+    when max - mean exceeds about 88 - log K (float32), and is NaN for NaN or inf
+    logits. If any row where ``check`` holds has a sum that is not finite, every row
+    is recomputed with the maximum as the shift (a ``lax.cond``, so only one branch
+    runs; under ``vmap`` both run and the right one is selected).
+    """
+    shift = jax.lax.stop_gradient(row_mean)
+    sum_exp = _sum_exp_shifted(z, shift)
+    safe = jnp.all(jnp.isfinite(sum_exp) | ~check)
+    return jax.lax.cond(
+        safe,
+        lambda: jnp.log(sum_exp) + shift,
+        lambda: _logsumexp(z),
+    )
 
 
 def _mix(target_term: jax.Array, uniform_term: jax.Array, a: jax.Array) -> jax.Array:
@@ -309,7 +356,12 @@ def _mix(target_term: jax.Array, uniform_term: jax.Array, a: jax.Array) -> jax.A
 
 
 def _integer_label_terms(
-    z: jax.Array, labels: jax.Array, a: jax.Array, mask: jax.Array, lse: jax.Array
+    z: jax.Array,
+    labels: jax.Array,
+    a: jax.Array,
+    mask: jax.Array,
+    lse: jax.Array,
+    row_mean: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The loss and the row statistics its derivative needs, given logsumexp(z).
 
@@ -324,7 +376,7 @@ def _integer_label_terms(
     # logits, without a (…, K) temporary.
     z_y = jnp.take_along_axis(z, safe_labels[..., None], axis=-1, mode="clip")[..., 0]
     target_term = lse - z_y
-    uniform_term = lse - jnp.mean(z, axis=-1)
+    uniform_term = lse - row_mean
     loss = jnp.where(valid, _mix(target_term, uniform_term, a), jnp.nan)
     loss = jnp.where(mask, loss, 0)
     return loss, target_term, uniform_term, valid & mask
@@ -335,8 +387,9 @@ def _integer_label_loss(
     z: jax.Array, labels: jax.Array, a: jax.Array, mask: jax.Array
 ) -> jax.Array:
     """The loss from integer labels: NaN for labels outside [0, K), 0 where masked."""
-    lse = _logsumexp(z)
-    return _integer_label_terms(z, labels, a, mask, lse)[0]
+    row_mean = jnp.mean(z, axis=-1)
+    lse = _logsumexp_about_mean(z, row_mean, mask)
+    return _integer_label_terms(z, labels, a, mask, lse, row_mean)[0]
 
 
 @_integer_label_loss.defjvp
@@ -358,7 +411,7 @@ def _integer_label_loss_jvp(primals, tangents):
     sum_exp = jnp.sum(exp_shifted, axis=-1)
     lse = jnp.log(sum_exp) + row_max
     loss, target_term, uniform_term, keep = _integer_label_terms(
-        z, labels, a, mask, lse
+        z, labels, a, mask, lse, jnp.mean(z, axis=-1)
     )
     a_k = a[..., None]
     classes = jax.lax.broadcasted_iota(labels.dtype, z.shape, z.ndim - 1)

@@ -7,6 +7,7 @@ construct the loss replaces: softmax_cross_entropy(logits, smooth_labels(one_hot
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -447,6 +448,79 @@ def test_long_rows_cut_into_pieces_on_cpu_give_the_same_values(num_classes):
     np.testing.assert_allclose(
         grad, np_smoothed_ce_grad(logits, labels, 0.1), atol=1e-6
     )
+
+
+def _exp_shapes(module_text):
+    """The shapes of the float32 arrays that ``exp`` runs over in a StableHLO module."""
+    return set(
+        re.findall(r"stablehlo\.exponential %\S+ : tensor<([\dx]+)xf32>", module_text)
+    )
+
+
+def test_cpu_row_pieces_are_chosen_at_lowering_time_not_trace_time():
+    # Traced once on this CPU host, exported for CPU and CUDA: each platform gets
+    # its own path. 40000 classes cut into 2 pieces of 20000 on CPU only.
+    shape = (2, 3, 40000)
+    pieces, plain = "12x20000", "2x3x40000"
+
+    def f(z, y):
+        return ow.smoothed_cross_entropy(z, y, 0.1)
+
+    args = (
+        jax.ShapeDtypeStruct(shape, jnp.float32),
+        jax.ShapeDtypeStruct(shape[:-1], jnp.int32),
+    )
+
+    def exported(*platforms):
+        return jax.export.export(jax.jit(f), platforms=platforms)(*args)
+
+    assert _exp_shapes(exported("cpu").mlir_module()) == {pieces}
+    assert _exp_shapes(exported("cuda").mlir_module()) == {plain}
+    both = exported("cpu", "cuda")
+    assert both.platforms == ("cpu", "cuda")
+    text = both.mlir_module()
+    # One module with both paths, chosen by the platform it is compiled for.
+    assert _exp_shapes(text) == {pieces, plain}
+    assert "_platform_index" in text and "stablehlo.case" in text
+    # Compiled here (CPU), the choice is resolved: exp runs over the pieces only.
+    logits, labels = make(shape, scale=5.0)
+    compiled = jax.jit(both.call).lower(logits, labels).compile().as_text()
+    exps = re.findall(r"= f32\[([\d,]+)\]\S* exponential\(", compiled)
+    assert exps and set(exps) == {"12,20000"}, exps
+    # And the CPU result is the reference's, values and gradients.
+    np.testing.assert_allclose(
+        both.call(logits, labels), np_smoothed_ce(logits, labels, 0.1), rtol=1e-5
+    )
+    grad = jax.grad(lambda z: both.call(z, labels).sum())(logits)
+    np.testing.assert_allclose(
+        grad, np_smoothed_ce_grad(logits, labels, 0.1), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("peak", [60.0, 85.0, 120.0, 1e30])
+def test_forward_is_exact_for_any_spread_of_the_logits(peak):
+    # The forward pass shifts exp by the row mean, which the loss needs anyway;
+    # when a row's max - mean passes ~88 the sum overflows and every row is
+    # recomputed with the max as the shift. Both sides of that edge, jitted and
+    # under vmap (where both branches run), must match the float64 reference.
+    logits, labels = make((5, 4000))
+    logits = np.array(logits)
+    logits[1, 7] = peak
+    labels = np.array(labels)
+    labels[3] = 7
+    expected = np_smoothed_ce(logits, labels, 0.1)
+    loss = ow.smoothed_cross_entropy(logits, labels, 0.1)
+    np.testing.assert_allclose(loss, expected, rtol=2e-6)
+    per_row = jax.vmap(ow.smoothed_cross_entropy, in_axes=(0, 0, None))(
+        logits, labels, 0.1
+    )
+    np.testing.assert_allclose(per_row, expected, rtol=2e-6)
+    # A masked row of NaN logits neither changes the other rows nor shows.
+    logits[4] = np.nan
+    where = np.arange(5) != 4
+    masked = ow.smoothed_cross_entropy(logits, labels, 0.1, where=where)
+    np.testing.assert_allclose(masked[:4], expected[:4], rtol=2e-6)
+    assert masked[4] == 0
 
 
 def test_large_vocabulary_labels_in_small_dtype():
