@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -488,9 +489,26 @@ def _stop(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def _fail(status: int) -> None:
+    """Exits with ``status``; a process of a cluster exits at once: at exit,
+    jax.distributed waits for every other process to shut down, and they wait in a
+    collective for this one."""
+    if status and distributed.connected():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _stop)  # unwind: workers are ended, bar closed
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit(130)
+        _fail(130)
+    except SystemExit as stop:
+        code = stop.code
+        _fail(code if isinstance(code, int) else 0 if code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        _fail(1)

@@ -245,6 +245,15 @@ def connect(c: Cluster) -> None:
             "--coordinator" if c.coordinator else "--distributed",
             f"jax.distributed.initialize failed: {error}",
         ) from None
+    _CONNECTED[0] = True
+
+
+_CONNECTED = [False]
+
+
+def connected() -> bool:
+    """Whether ``connect`` joined this process to a cluster."""
+    return _CONNECTED[0]
 
 
 def allgather_json(value: Any) -> list[Any]:
