@@ -374,6 +374,15 @@ def test_demo_over_two_processes_gives_the_table_of_one(tmp_path):
     # Only process 0 wrote: one set of files, one table printed.
     assert two.stdout.count("| configuration |") == 1
     assert "Traceback" not in two.stderr
+    # The same command resumes: process 0 reads --out, the others train the same
+    # remaining run.
+    (tmp_path / "two/runs/gradual_warmup-seed0.json").unlink()
+    again = _demo([*TINY, "--processes", "2", "--out", "two"], tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "skipping the 3 of 4 runs already finished there; 1 to train" in again.stdout
+    assert (tmp_path / "two/table.md").read_text() == (
+        tmp_path / "one/table.md"
+    ).read_text()
 
 
 @pytest.mark.slow

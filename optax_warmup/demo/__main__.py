@@ -303,7 +303,10 @@ def run(plan: Plan, worker_env: dict[str, str]) -> list[Result]:
             )
         raise
     trained = dict(zip((r.key for r in todo), new, strict=True))
-    return [plan.finished.get(r.key) or trained[r.key] for r in plan.runs]
+    return [
+        plan.finished[r.key] if r.key in plan.finished else trained[r.key]
+        for r in plan.runs
+    ]
 
 
 def write(
@@ -508,6 +511,8 @@ if __name__ == "__main__":
         _fail(130)
     except SystemExit as stop:
         code = stop.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
         _fail(code if isinstance(code, int) else 0 if code is None else 1)
     except BaseException:
         traceback.print_exc()

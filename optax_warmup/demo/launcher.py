@@ -79,8 +79,12 @@ class _Tail:
                 line.decode(errors="replace").rsplit("\r", 1)[-1] for line in done
             )
 
-    def text(self) -> str:
+    def close(self) -> None:
+        """Waits (at most 2 s) for the copy to reach the end of the stream."""
         self._thread.join(2.0)
+
+    def text(self) -> str:
+        self.close()
         rest = self._partial.decode(errors="replace").rsplit("\r", 1)[-1]
         return "\n".join([*self.lines, *([rest] if rest.strip() else [])])
 
@@ -139,11 +143,11 @@ def launch(
 
     Worker 0's output is ours (its stdout, and its stderr with the progress bar);
     the others' stdout is discarded and their stderr kept for the report of a
-    failure. Returns
-    0 when every worker succeeded, else the status of the first worker to fail
-    (128 + the signal for a killed one), after ending the others and printing
-    which worker failed with the tail of its stderr. ``KeyboardInterrupt`` and
-    ``SystemExit`` here end every worker, then propagate.
+    failure. Returns 0 when every worker succeeded, else the status of the first
+    worker to fail (128 + the signal for a killed one), after ending the others
+    and printing which worker failed with the tail of its stderr.
+    ``KeyboardInterrupt`` and ``SystemExit`` here end every worker, then
+    propagate.
     """
     port = free_port()
     environ = {**os.environ, **(env or {}), LAUNCHER_PID: str(os.getpid())}
@@ -185,3 +189,8 @@ def launch(
     except BaseException:
         _stop_all(workers)
         raise
+    finally:
+        for w, tail in zip(workers, tails, strict=False):
+            tail.close()
+            if w.stderr is not None:
+                w.stderr.close()
