@@ -11,6 +11,10 @@ Modules:
   ``training``: one run of a classifier on one device mesh, per-epoch curves.
   ``runner``: a list of runs on this machine: in this process or one CPU worker
     process per core, with a progress bar.
+  ``distributed``: one run across processes (``jax.distributed``): the cluster's
+    flags, joining it with clear errors, the collectives of the command line (same
+    settings everywhere, one error stops all), each process's rows of a batch;
+    ``launcher``: ``--processes N`` on this machine, and its faults.
   ``store``: ``--out``: each finished run written at once and atomically; resume.
   ``report``: statistics and table cells shared by the experiments (Goyal's final
     error, mean ± std, Welch's t-test against the reference).

@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from typing import Any
 import jax
 import optax
 
-from optax_warmup.demo import data, runner, store, warmup
+from optax_warmup.demo import data, distributed, launcher, runner, store, warmup
 from optax_warmup.demo.experiment import Arrays, Experiment, FlagError, Result, Run
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (warmup.EXPERIMENT,)}
@@ -91,7 +92,8 @@ def parser(experiment: Experiment) -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=None,
-        help="processes (default: one per CPU core on a CPU host, else 1)",
+        help="worker processes, each training whole runs side by side (default: "
+        "one per CPU core on a CPU host, else 1)",
     )
     a("--out", type=Path, default=Path("optax_warmup_demo"), help="output directory")
     a(
@@ -114,6 +116,7 @@ def parser(experiment: Experiment) -> argparse.ArgumentParser:
         metavar="DIR",
         help="redraw table.md and the figures from DIR/results.json (no training)",
     )
+    distributed.add_arguments(p)
     experiment.add_arguments(p)
     return p
 
@@ -143,7 +146,7 @@ class Plan:
     seeds: tuple[int, ...]
     runs: tuple[Run, ...]  # all of them, in the order of the report
     finished: dict[str, Result]  # by run key: already in --out
-    run_store: store.RunStore  # the output directory
+    run_store: store.RunStore | None  # the output directory (None: not process 0)
     data: Arrays
     generated: bool  # the dataset was generated now, not read from the cache
     samples: int
@@ -177,13 +180,21 @@ def _mismatch(error: store.SettingsMismatch, args: argparse.Namespace) -> FlagEr
     )
 
 
-def plan(args: argparse.Namespace, experiment: Experiment) -> Plan:
-    """Checks every flag against the data and ``--out``; raises ``FlagError``."""
+def plan(
+    args: argparse.Namespace, experiment: Experiment, *, writer: bool = True
+) -> Plan:
+    """Checks every flag against the data and ``--out``; raises ``FlagError``.
+
+    ``writer=False`` (processes other than 0 of a cluster): ``--out`` is neither
+    read nor written and no run counts as finished.
+    """
     settings = experiment.settings(args)
     if args.seeds < 1:
         raise FlagError("--seeds", f"must be at least 1, got {args.seeds}")
     if args.workers is not None and args.workers < 1:
         raise FlagError("--workers", f"must be at least 1, got {args.workers}")
+    if args.workers not in (None, 1) and jax.process_count() > 1:
+        raise FlagError("--workers", "every process of a cluster trains every run")
     try:
         data.check_num_samples(args.samples)
     except ValueError as error:
@@ -197,7 +208,9 @@ def plan(args: argparse.Namespace, experiment: Experiment) -> Plan:
         "dataset_seed": data.SEED,
     }
     try:  # only reads (and probes that --out is writable)
-        run_store = store.RunStore(args.out, stored, fresh=args.fresh)
+        run_store = (
+            store.RunStore(args.out, stored, fresh=args.fresh) if writer else None
+        )
     except OSError as error:
         raise FlagError(
             "--out", f"cannot write to {args.out}: {error.strerror or error}"
@@ -213,12 +226,14 @@ def plan(args: argparse.Namespace, experiment: Experiment) -> Plan:
         ) from None
     experiment.check(settings, arrays, jax.device_count())
     try:  # compared last: a bad value is named as itself, not as a mismatch
-        run_store.check()
+        if run_store is not None:
+            run_store.check()
     except store.SettingsMismatch as error:
         raise _mismatch(error, args) from None
     runs = tuple(experiment.runs(settings, seeds))
     keys = {r.key for r in runs}
-    finished = {k: v for k, v in run_store.finished().items() if k in keys}
+    stored_runs = run_store.finished() if run_store is not None else {}
+    finished = {k: v for k, v in stored_runs.items() if k in keys}
     return Plan(
         experiment=experiment,
         settings=settings,
@@ -230,8 +245,10 @@ def plan(args: argparse.Namespace, experiment: Experiment) -> Plan:
         generated=generated,
         samples=args.samples,
         cache_dir=Path(cache_dir),
-        workers=args.workers or runner.default_workers(),
-        show_progress=not args.no_progress,
+        workers=1
+        if jax.process_count() > 1
+        else (args.workers or runner.default_workers()),
+        show_progress=writer and not args.no_progress,
     )
 
 
@@ -244,19 +261,25 @@ def run(plan: Plan, worker_env: dict[str, str]) -> list[Result]:
         f"({'generated' if plan.generated else 'cached'}); {configs} configurations "
         f"× {len(plan.seeds)} seeds × {plan.experiment.epochs(plan.settings)} epochs "
         f"on {jax.device_count()} {jax.default_backend()} device(s), "
-        f"{min(plan.workers, len(plan.todo)) or 1} process(es)"
+        + (
+            f"{jax.process_count()} processes"
+            if jax.process_count() > 1
+            else f"{min(plan.workers, len(plan.todo)) or 1} process(es)"
+        )
     )
     todo = plan.todo
-    if plan.finished:
+    if plan.finished and plan.run_store is not None:
         print(
             f"resuming {plan.run_store.out}: skipping the {len(plan.finished)} of "
             f"{len(plan.runs)} runs already finished there; {len(todo)} to train"
         )
-    plan.run_store.start()
+    if plan.run_store is not None:
+        plan.run_store.start()
     saved = [0]
 
     def save(run: Run, result: Result) -> None:
-        plan.run_store.save(run.key, result)
+        if plan.run_store is not None:
+            plan.run_store.save(run.key, result)
         saved[0] += 1
 
     try:
@@ -272,20 +295,25 @@ def run(plan: Plan, worker_env: dict[str, str]) -> list[Result]:
         )
     except (KeyboardInterrupt, SystemExit):
         done = len(plan.finished) + saved[0]
-        print(
-            f"\nstopped: {done} of {len(plan.runs)} runs are saved in "
-            f"{plan.run_store.runs_dir}; the same command resumes from them",
-            file=sys.stderr,
-        )
+        if plan.run_store is not None:
+            print(
+                f"\nstopped: {done} of {len(plan.runs)} runs are saved in "
+                f"{plan.run_store.runs_dir}; the same command resumes from them",
+                file=sys.stderr,
+            )
         raise
     trained = dict(zip((r.key for r in todo), new, strict=True))
-    return [plan.finished.get(r.key) or trained[r.key] for r in plan.runs]
+    return [
+        plan.finished[r.key] if r.key in plan.finished else trained[r.key]
+        for r in plan.runs
+    ]
 
 
 def write(
     plan: Plan, results: list[Result], command: list[str], seconds: float
 ) -> dict[str, Any]:
     """Writes the table, the figures and ``results.json``; returns the report."""
+    assert plan.run_store is not None, "only process 0 writes"
     experiment, out = plan.experiment, plan.run_store.out
     summary = experiment.summarize(plan.settings, results)
     table = experiment.table(summary)
@@ -308,6 +336,7 @@ def write(
             "devices": jax.device_count(),
             "device": jax.devices()[0].device_kind,
             "workers": plan.workers,
+            "processes": jax.process_count(),
             "cpu_count": runner.cpu_count(),
             "jax": jax.__version__,
             "optax": optax.__version__,
@@ -383,23 +412,95 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     missing = [m for m in EXTRAS if importlib.util.find_spec(m) is None]
     if missing:
         p.error(f"needs {', '.join(missing)}: pip install 'optax_warmup[demo]'")
+    command = list(argv if argv is not None else sys.argv[1:])
     try:
         if args.replot is not None:
             return replot(args.replot)
-        the_plan = plan(args, experiment)
+        cluster = distributed.cluster(args)
+        if cluster.launch:
+            return _launch(args, experiment, command, cluster.launch)
+        if cluster.join:
+            launcher.exit_with_launcher()
+            distributed.connect(cluster)
     except FlagError as error:
         p.error(str(error))
+    writer = distributed.quiet_unless_first()
+    the_plan: Plan | None = None
+    message: str | None = None
+    try:
+        different = distributed.differences(_shared_flags(args))
+        if different:
+            raise FlagError(
+                "--process-id",
+                "the processes were started with different settings: "
+                + "; ".join(different),
+            )
+        the_plan = plan(args, experiment, writer=writer)
+    except FlagError as error:
+        message = str(error)
+    message = distributed.first_error(message)  # any process's error stops them all
+    if message is not None or the_plan is None:
+        p.error(str(message))
+    if not writer:  # train what process 0 has not: the same runs everywhere
+        done = distributed.allgather_json(None)[0]
+        the_plan = dataclasses.replace(the_plan, finished={k: {} for k in done})
+    elif jax.process_count() > 1:
+        distributed.allgather_json(sorted(the_plan.finished))
     worker_env: dict[str, str] = {}
     if the_plan.todo:  # nothing to compile when every run is on disk
         worker_env = _compilation_cache(the_plan.cache_dir / "jax")
     results = run(the_plan, worker_env)
-    command = ["python", "-m", "optax_warmup.demo"]
-    command += list(argv if argv is not None else sys.argv[1:])
+    if not writer:
+        return {}
+    command = ["python", "-m", "optax_warmup.demo", *command]
     return write(the_plan, results, command, time.perf_counter() - start)
+
+
+# Flags that may differ between the processes of a cluster (only process 0 writes).
+_LOCAL_FLAGS = {"process_id", "out", "cache_dir", "no_progress", "coordinator_timeout"}
+
+
+def _shared_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in _LOCAL_FLAGS}
+
+
+def _launch(
+    args: argparse.Namespace, experiment: Experiment, argv: list[str], processes: int
+) -> dict[str, Any]:
+    """``--processes N``: checks the flags once, makes the dataset once, then runs
+    the command as N local jax.distributed workers; their report, or ``SystemExit``
+    with the status of the worker that failed."""
+    experiment.settings(args)  # a bad value: one error here, not one per worker
+    try:
+        data.check_num_samples(args.samples)
+        cache_dir = args.cache_dir or data.default_cache_dir()
+        data.load(args.samples, cache_dir=cache_dir)  # the workers read the cache
+    except ValueError as error:
+        raise FlagError("--samples", str(error)) from None
+    except OSError as error:
+        raise FlagError(
+            "--cache-dir", f"cannot use {cache_dir}: {error.strerror or error}"
+        ) from None
+    env = _compilation_cache(Path(cache_dir) / "jax")
+    status = launcher.launch(argv, processes, env=env)
+    if status:
+        raise SystemExit(status)
+    return store.read_json(args.out / store.REPORT_FILE)
 
 
 def _stop(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
+
+
+def _fail(status: int) -> None:
+    """Exits with ``status``; a process of a cluster exits at once: at exit,
+    jax.distributed waits for every other process to shut down, and they wait in a
+    collective for this one."""
+    if status and distributed.connected():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
@@ -407,4 +508,12 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit(130)
+        _fail(130)
+    except SystemExit as stop:
+        code = stop.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+        _fail(code if isinstance(code, int) else 0 if code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        _fail(1)

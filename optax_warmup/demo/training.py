@@ -5,7 +5,10 @@ pass in training mode (ghost BatchNorm updates its statistics), the label-smooth
 cross-entropy ``ow.smoothed_cross_entropy``, its gradient and the optimizer's
 update. The batch is sharded over the ``data`` axis of a ``jax.sharding.Mesh``
 (data parallelism; XLA all-reduces the gradients), the parameters and the
-optimizer state are replicated. The epoch loop, the shuffling and the evaluation are
+optimizer state are replicated. The mesh may span processes (``jax.distributed``):
+each process then puts only its rows of every batch and of the test set on its
+devices, and every number of the recipe (the batch, the steps per epoch) stays
+global. The epoch loop, the shuffling and the evaluation are
 plain Python around it, so an experiment only chooses the model, the optimizer and
 the batch.
 """
@@ -71,20 +74,59 @@ def _steps(
         return params, stats, opt_state, loss, error
 
     @jax.jit
-    def errors(params, stats, x, y):
+    def errors(params, stats, x, y, weight):  # and the examples counted
         logits = nnx.merge(eval_def, params, stats, copy=True)(x)
-        return jnp.sum(jnp.argmax(logits, -1) != y)
+        return jnp.sum((jnp.argmax(logits, -1) != y) * weight), jnp.sum(weight)
 
     if key is not None:
         _STEPS[key] = (train_step, errors)
     return train_step, errors
 
 
-def _put(arrays: Any, sharding: NamedSharding) -> Any:
-    """Host arrays onto the mesh. This process holds every device of the mesh; on a
-    mesh that spans processes each would give its own slice instead
-    (``jax.make_array_from_process_local_data``)."""
-    return jax.device_put(arrays, sharding)
+def put_replicated(tree: Any, sharding: NamedSharding) -> Any:
+    """Host values onto every device of ``sharding``'s mesh, in every process.
+
+    Each process gives the same values (the same seed gives the same model); the
+    copy goes through host memory, so it works on a mesh that spans processes.
+    """
+
+    def put(leaf: Any) -> jax.Array:
+        host = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+    return jax.tree.map(put, tree)
+
+
+def put_batch(
+    arrays: Sequence[np.ndarray], idx: np.ndarray, sharding: NamedSharding
+) -> list[jax.Array]:
+    """The global batch ``a[idx]`` of each array, sharded over ``sharding``.
+
+    This process reads only its own rows of the batch (``process_rows``) and puts
+    them on its devices (``jax.make_array_from_process_local_data``): no process
+    holds the whole batch.
+    """
+    from optax_warmup.demo.distributed import process_rows
+
+    mine = idx[process_rows(sharding, len(idx))]
+    return [
+        jax.make_array_from_process_local_data(
+            sharding, a[mine], (len(idx), *a.shape[1:])
+        )
+        for a in arrays
+    ]
+
+
+def put_test_set(
+    x: np.ndarray, y: np.ndarray, sharding: NamedSharding
+) -> list[jax.Array]:
+    """The test set sharded like a batch, padded to a multiple of the mesh with
+    examples of weight 0, and the weights: each example counts once."""
+    pad = -len(y) % sharding.mesh.size
+    weight = np.concatenate([np.ones(len(y), np.int32), np.zeros(pad, np.int32)])
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    return put_batch([x, y, weight], np.arange(len(y)), sharding)
 
 
 def train_classifier(
@@ -146,9 +188,9 @@ def train_classifier(
     model.eval()
     eval_def = nnx.graphdef(model)
     train_step, errors = _steps(step_key, train_def, eval_def, tx, label_smoothing)
-    params, stats = _put((params, stats), replicated)
-    opt_state = _put(tx.init(params), replicated)
-    x_test, y_test = _put((data["x_test"], data["y_test"]), replicated)
+    params, stats = put_replicated((params, stats), replicated)
+    opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+    test_set = put_test_set(data["x_test"], data["y_test"], sharded)
 
     rng = np.random.default_rng(seed)
     curves: dict[str, list] = {
@@ -159,14 +201,17 @@ def train_classifier(
         order = rng.permutation(len(y_train))[: steps * batch_size]
         losses, errs = [], []
         for idx in order.reshape(steps, batch_size):
-            x, y = _put((x_train[idx], y_train[idx]), sharded)
+            x, y = put_batch((x_train, y_train), idx, sharded)
             params, stats, opt_state, loss, err = train_step(
                 params, stats, opt_state, x, y
             )
             losses.append(loss)
             errs.append(err)
         train_loss = float(np.mean(jax.device_get(losses)))
-        test_error = float(errors(params, stats, x_test, y_test)) / len(y_test)
+        wrong, counted = errors(params, stats, *test_set)
+        if int(counted) != len(data["y_test"]):
+            raise RuntimeError(f"evaluated {int(counted)} test examples")
+        test_error = float(wrong) / len(data["y_test"])
         curves["train_loss"].append(train_loss if np.isfinite(train_loss) else None)
         curves["train_error"].append(float(np.mean(jax.device_get(errs))))
         curves["test_error"].append(test_error)

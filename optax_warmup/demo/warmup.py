@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import jax
 import numpy as np
 import optax
 from flax import nnx
@@ -41,6 +42,7 @@ from jax.sharding import Mesh
 import optax_warmup as ow
 from optax_warmup.demo import report
 from optax_warmup.demo.data import NUM_CLASSES
+from optax_warmup.demo.distributed import check_groups
 from optax_warmup.demo.experiment import (
     Arrays,
     FlagError,
@@ -389,6 +391,13 @@ class WarmupExperiment:
                 "--large-batch",
                 f"{settings.large_batch} exceeds the {n_train} training sequences "
                 "of --samples",
+            )
+        for config in CONFIGS:  # ghost BatchNorm groups stay inside a process
+            check_groups(
+                settings.batch_size(config),
+                settings.small_batch,
+                jax.process_count(),
+                flag="--large-batch",
             )
         if settings.small_batch % devices:
             raise FlagError(
