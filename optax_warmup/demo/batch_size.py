@@ -55,9 +55,9 @@ from optax_warmup.demo.training import steps_per_epoch, train_classifier
 from optax_warmup.demo.warmup import _floats, _ints, _shown, schedule_milestones
 
 OPTIMIZERS = ("sgd", "lars")
-# 20,480 sequences: 16,384 = 4 × 4096 for training (no example dropped at any
-# batch of the list) and 4,096 for testing.
-DEFAULT_SAMPLES = 20480
+# 40,960 sequences: 32,768 = 8 × 4096 for training (no example dropped at any
+# batch of the list) and 8,192 for testing.
+DEFAULT_SAMPLES = 40960
 DEFAULT_SEEDS = 3
 
 ANCHORS = {
@@ -96,16 +96,16 @@ class Settings:
     small_batch: int = 32
     batches: tuple[int, ...] = tuple(32 * 2**j for j in range(8))  # 32 … 4096
     lr: float = 0.1
-    epochs: int = 20
-    warmup_epochs: float = 3.0
-    milestones: tuple[float, ...] = (7.0, 13.0, 18.0)
+    epochs: int = 12
+    warmup_epochs: float = 2.0
+    milestones: tuple[float, ...] = (4.0, 8.0, 11.0)
     weight_decay: float = 1e-4
     momentum: float = 0.9
     label_smoothing: float = 0.1
     widths: tuple[int, ...] = (8, 16, 32)
     optimizers: tuple[str, ...] = OPTIMIZERS
-    lars_batches: tuple[int, ...] = (512, 1024, 2048, 4096)
-    lars_lr: float = 2.0
+    lars_batches: tuple[int, ...] = (1024, 2048, 4096)
+    lars_lr: float = 20.0
     trust_coefficient: float = 0.001
     target_error: float = 0.05
 
@@ -160,29 +160,31 @@ class Settings:
         """B_simple needs at least two ghost BatchNorm groups: kn > n."""
         return parse_config(config)[1] > self.small_batch
 
-    def optimizer(
-        self, config: str, steps_per_epoch: int
-    ) -> optax.GradientTransformation:
-        """``ow.sgd`` or ``ow.lars`` on the schedule, after the noise-scale tracker.
-
-        The tracker's moving averages decay by ``1 − 1/steps_per_epoch`` per step:
-        the value read after an epoch averages about that epoch.
-        """
-        optimizer, batch = parse_config(config)
+    def recipe(self, config: str, steps_per_epoch: int) -> optax.GradientTransformation:
+        """``ow.sgd`` or ``ow.lars`` on ``schedule(config, steps_per_epoch)``."""
+        optimizer, _ = parse_config(config)
         schedule = self.schedule(config, steps_per_epoch)
         if optimizer == "lars":
-            tx = ow.lars(
+            return ow.lars(
                 schedule,
                 momentum=self.momentum,
                 weight_decay=self.weight_decay,
                 trust_coefficient=self.trust_coefficient,
             )
-        else:
-            tx = ow.sgd(
-                schedule, momentum=self.momentum, weight_decay=self.weight_decay
-            )
+        return ow.sgd(schedule, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    def optimizer(
+        self, config: str, steps_per_epoch: int
+    ) -> optax.GradientTransformation:
+        """The recipe, after ``ow.track_noise_scale`` when kn > n.
+
+        The tracker's moving averages decay by ``1 − 1/steps_per_epoch`` per step:
+        the value read after an epoch averages about that epoch.
+        """
+        tx = self.recipe(config, steps_per_epoch)
         if not self.tracks_noise_scale(config):
             return tx
+        _, batch = parse_config(config)
         decay = 1.0 - 1.0 / steps_per_epoch
         tracker = ow.track_noise_scale(self.small_batch, batch, decay=decay)
         return optax.chain(tracker, tx)
@@ -298,8 +300,8 @@ class BatchSizeExperiment:
         "warmup_epochs": 1.0,
         "milestones": "2",
         "seeds": 2,
-        "batches": "32,128,512",
-        "lars_batches": "512",
+        "batches": "32,256",
+        "lars_batches": "256",
         "target_error": 50.0,
     }
     anchors: Mapping[str, Any] = ANCHORS
@@ -353,7 +355,7 @@ class BatchSizeExperiment:
             "--lars-lr",
             type=float,
             default=d.lars_lr,
-            help="LARS's peak rate, the same at every batch (tuned at kn=4096)",
+            help="LARS's peak rate, the same at every batch (tuned at kn=1024)",
         )
         a(
             "--trust-coefficient",
