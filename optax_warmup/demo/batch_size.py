@@ -299,7 +299,7 @@ class BatchSizeExperiment:
         "epochs": 3,
         "warmup_epochs": 1.0,
         "milestones": "2",
-        "seeds": 2,
+        "seeds": 1,
         "batches": "32,256",
         "lars_batches": "256",
         "target_error": 50.0,
