@@ -332,14 +332,17 @@ def plot(results: Sequence[Result], settings: Settings, out: Path) -> list[Path]
         optimizer, batch = parse_config(config)
         if optimizer == "sgd":
             shade = sgd_configs.index(config) / max(len(sgd_configs) - 1, 1)
-            style = dict(color=cmap(0.9 * shade), linestyle="-")
+            color: Any = cmap(0.9 * shade)
+            linestyle, alpha = "-", 1.0
         else:
-            style = dict(color=COLORS["lars"], linestyle="--", alpha=0.6)
+            color, linestyle, alpha = COLORS["lars"], "--", 0.6
         ax.plot(
             epochs,
             mean,
+            color=color,
+            linestyle=linestyle,
+            alpha=alpha,
             label=f"{OPTIMIZER_LABELS[optimizer]} kn={batch}",
-            **style,
         )
     if predicted is not None:
         ax.axhline(predicted, color="C2", linestyle=":", label="predicted (average)")
@@ -377,10 +380,10 @@ def plot(results: Sequence[Result], settings: Settings, out: Path) -> list[Path]
             )
     ref = rows.get(settings.reference)
     if ref is not None and ref["steps_to_target"] is not None:
-        batches = np.asarray(sorted({r["batch_size"] for r in rows.values()}), float)
+        line = np.asarray(sorted({r["batch_size"] for r in rows.values()}), float)
         ax.plot(
-            batches,
-            ref["steps_to_target"] * settings.small_batch / batches,
+            line,
+            ref["steps_to_target"] * settings.small_batch / line,
             color="0.5",
             linestyle="--",
             label="perfect scaling (slope −1 from the reference)",
