@@ -435,7 +435,7 @@ def test_help_of_the_experiment_lists_its_flags_and_defaults(capsys):
         "--trust-coefficient",
     ):
         assert flag in text
-    assert "(default: 40960)" in text  # its own --samples default
+    assert "(default: 30720)" in text  # its own --samples default
 
 
 def test_the_default_command_gives_the_default_settings():
@@ -446,7 +446,7 @@ def test_the_default_command_gives_the_default_settings():
     settings = experiment.settings(args)
     assert settings == batch_size.Settings()
     assert settings.milestones == default_milestones(settings.epochs)
-    assert (args.samples, args.seeds) == (40960, 3)
+    assert (args.samples, args.seeds) == (30720, 3)
     assert 0.8 * args.samples % max(settings.batches) == 0  # no example dropped
     _, args, _ = parse(["--experiment", "batch-size", "--quick"])
     assert args.seeds == QUICK["seeds"] and args.batches == (32, 256)

@@ -55,9 +55,9 @@ from optax_warmup.demo.training import steps_per_epoch, train_classifier
 from optax_warmup.demo.warmup import _floats, _ints, _shown, schedule_milestones
 
 OPTIMIZERS = ("sgd", "lars")
-# 40,960 sequences: 32,768 = 8 × 4096 for training (no example dropped at any
-# batch of the list) and 8,192 for testing.
-DEFAULT_SAMPLES = 40960
+# 30,720 sequences: 24,576 = 6 × 4096 for training (no example dropped at any
+# batch of the list) and 6,144 for testing.
+DEFAULT_SAMPLES = 30720
 DEFAULT_SEEDS = 3
 
 ANCHORS = {
