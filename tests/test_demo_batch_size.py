@@ -328,6 +328,10 @@ def test_no_breakdown_leaves_the_prediction_unscored():
     assert "no breakdown up to the largest batch" in "\n".join(
         batch_size_report.notes({"rows": {}, "analysis": a})
     )
+    a["breakdown"], a["critical_batch"] = {"lars": 1024}, {"lars": None}
+    assert "LARS: worse than the reference from its smallest batch, kn=1024" in (
+        "\n".join(batch_size_report.notes({"rows": {}, "analysis": a}))
+    )
 
 
 def test_steps_to_target_and_training_noise_scale_edges():

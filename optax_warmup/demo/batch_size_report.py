@@ -205,6 +205,10 @@ def notes(summary: Summary) -> list[str]:
         critical = a["critical_batch"].get(optimizer)
         if batch is None:
             lines.append(f"{name}: no breakdown up to the largest batch of the list")
+        elif critical is None:
+            lines.append(
+                f"{name}: worse than the reference from its smallest batch, kn={batch}"
+            )
         else:
             lines.append(f"{name}: breaks down at kn={batch}; flat up to kn={critical}")
     predicted = a.get("predicted_critical_batch")
