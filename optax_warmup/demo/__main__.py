@@ -39,10 +39,20 @@ from typing import Any
 import jax
 import optax
 
-from optax_warmup.demo import data, distributed, launcher, runner, store, warmup
+from optax_warmup.demo import (
+    batch_size,
+    data,
+    distributed,
+    launcher,
+    runner,
+    store,
+    warmup,
+)
 from optax_warmup.demo.experiment import Arrays, Experiment, FlagError, Result, Run
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (warmup.EXPERIMENT,)}
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e for e in (warmup.EXPERIMENT, batch_size.EXPERIMENT)
+}
 DEFAULT_EXPERIMENT = "warmup"
 PROG = "python -m optax_warmup.demo"
 EXTRAS = ("mnist1d", "matplotlib", "tqdm", "scipy")  # the `demo` extra

@@ -52,23 +52,42 @@ _STEPS: dict[Hashable, tuple[Callable, Callable]] = {}  # compiled once per proc
 
 
 def _steps(
-    key: Hashable | None, train_def, eval_def, tx, label_smoothing: float
+    key: Hashable | None,
+    train_def,
+    eval_def,
+    tx,
+    label_smoothing: float,
+    noise_scale_group: int | None = None,
 ) -> tuple[Callable, Callable]:
     """The jitted train and eval steps, shared by every run with the same ``key``."""
     if key is not None and key in _STEPS:
         return _STEPS[key]
 
+    def loss_fn(params, stats, x, y):
+        model = nnx.merge(train_def, params, stats, copy=True)
+        logits = model(x)
+        loss = ow.smoothed_cross_entropy(logits, y, label_smoothing).mean()
+        return loss, (nnx.state(model, nnx.BatchStat), logits)
+
     @jax.jit
     def train_step(params, stats, opt_state, x, y):
-        def loss_fn(params, stats):
-            model = nnx.merge(train_def, params, stats, copy=True)
-            logits = model(x)
-            loss = ow.smoothed_cross_entropy(logits, y, label_smoothing).mean()
-            return loss, (nnx.state(model, nnx.BatchStat), logits)
-
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (stats, logits)), grads = grad_fn(params, stats)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        if noise_scale_group is None:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (loss, (stats, logits)), grads = grad_fn(params, stats, x, y)
+            updates, opt_state = tx.update(grads, opt_state, params)
+        else:  # one gradient per group of the batch: the noise scale's two norms
+            grad_fn = ow.value_and_grad_by_group(
+                loss_fn,
+                group_size=noise_scale_group,
+                has_aux=True,
+                batch_argnums=(2, 3),
+            )
+            (loss, (stats, logits)), grads, small, big = grad_fn(params, stats, x, y)
+            stats = jax.tree.map(lambda s: s.mean(0), stats)
+            logits = logits.reshape(-1, logits.shape[-1])
+            updates, opt_state = tx.update(
+                grads, opt_state, params, small_sq_norm=small, big_sq_norm=big
+            )
         params = optax.apply_updates(params, updates)
         error = jnp.mean(jnp.argmax(logits, -1) != y)
         return params, stats, opt_state, loss, error
@@ -142,6 +161,7 @@ def train_classifier(
     on_epoch: OnEpoch | None = None,
     readouts: Mapping[str, Readout] = DEFAULT_READOUTS,
     step_key: Hashable | None = None,
+    noise_scale_group: int | None = None,
 ) -> dict[str, Any]:
     """Trains ``model`` with ``tx`` for ``epochs`` and returns its per-epoch curves.
 
@@ -187,7 +207,9 @@ def train_classifier(
     params, stats = states
     model.eval()
     eval_def = nnx.graphdef(model)
-    train_step, errors = _steps(step_key, train_def, eval_def, tx, label_smoothing)
+    train_step, errors = _steps(
+        step_key, train_def, eval_def, tx, label_smoothing, noise_scale_group
+    )
     params, stats = put_replicated((params, stats), replicated)
     opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
     test_set = put_test_set(data["x_test"], data["y_test"], sharded)

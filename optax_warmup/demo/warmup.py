@@ -242,6 +242,40 @@ def _shown(values: Sequence[float]) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
+def schedule_milestones(args: argparse.Namespace) -> tuple[float, ...]:
+    """``--milestones`` (default: ``default_milestones(--epochs)``), checked against
+    ``--epochs`` and ``--warmup-epochs``; ``FlagError`` for a schedule that cannot
+    work (a decay at or after the end, or before the warmup ends)."""
+    milestones = args.milestones
+    given = milestones is not None
+    if not given:
+        milestones = default_milestones(args.epochs)
+    where = "" if given else f" (the default for --epochs {args.epochs})"
+    if any(b <= a for a, b in itertools.pairwise(milestones)):
+        raise FlagError(
+            "--milestones",
+            f"milestones {_shown(milestones)}{where} must be strictly increasing",
+        )
+    if milestones and milestones[0] <= 0:
+        raise FlagError(
+            "--milestones",
+            f"milestones {_shown(milestones)}{where} must be > 0 (epochs)",
+        )
+    if milestones and milestones[-1] >= args.epochs:
+        raise FlagError(
+            "--milestones",
+            f"milestones {_shown(milestones)}{where}: a decay at or after the "
+            f"end of training (--epochs {args.epochs}) never takes effect",
+        )
+    if milestones and args.warmup_epochs >= milestones[0]:
+        raise FlagError(
+            "--warmup-epochs",
+            f"the warmup of {args.warmup_epochs:g} epochs must end before the "
+            f"first decay of --milestones {_shown(milestones)}{where}",
+        )
+    return tuple(milestones)
+
+
 # Library arguments as the flags that set them, for the optimizer's own checks.
 _FLAG_OF = {
     "base_lr": "--lr",
@@ -330,33 +364,7 @@ class WarmupExperiment:
                 f"{args.large_batch} is not a multiple of --small-batch "
                 f"{args.small_batch}",
             )
-        milestones = args.milestones
-        given = milestones is not None
-        if not given:
-            milestones = default_milestones(args.epochs)
-        where = "" if given else f" (the default for --epochs {args.epochs})"
-        if any(b <= a for a, b in itertools.pairwise(milestones)):
-            raise FlagError(
-                "--milestones",
-                f"milestones {_shown(milestones)}{where} must be strictly increasing",
-            )
-        if milestones and milestones[0] <= 0:
-            raise FlagError(
-                "--milestones",
-                f"milestones {_shown(milestones)}{where} must be > 0 (epochs)",
-            )
-        if milestones and milestones[-1] >= args.epochs:
-            raise FlagError(
-                "--milestones",
-                f"milestones {_shown(milestones)}{where}: a decay at or after the "
-                f"end of training (--epochs {args.epochs}) never takes effect",
-            )
-        if milestones and args.warmup_epochs >= milestones[0]:
-            raise FlagError(
-                "--warmup-epochs",
-                f"the warmup of {args.warmup_epochs:g} epochs must end before the "
-                f"first decay of --milestones {_shown(milestones)}{where}",
-            )
+        milestones = schedule_milestones(args)
         if not 0 <= args.label_smoothing <= 1:
             raise FlagError(
                 "--label-smoothing", f"must be in [0, 1], got {args.label_smoothing}"
