@@ -145,7 +145,11 @@ def average_group_grads(
       group_axis: the axis of the groups, or ``None`` when each device holds one
         group (then ``axis_name`` is needed).
       axis_name: the name (or names) of the mapped device axes to average over, or
-        ``None`` (default) for groups on ``group_axis`` only.
+        ``None`` (default) for groups on ``group_axis`` only. Inside
+        ``jax.shard_map``, differentiate with respect to device-varying params
+        (``jax.lax.pcast(params, axis_name, to="varying")``): the gradient of
+        replicated params is already summed over the devices, and the spread
+        between devices would read as zero.
 
     Returns:
       ``(mean_grads, small_sq_norm, big_sq_norm)``.

@@ -596,12 +596,12 @@ def test_orbax_checkpoint_resumes_the_averages_in_a_fresh_process(tmp_path):
 MESH_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import optax_warmup as ow
 
 assert jax.device_count() == 8, jax.devices()
 N, GROUP = 64, 8
-mesh = jax.make_mesh((8,), ("data",))
+mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
 model = ow.models.SmallResNet1D(widths=(4, 8, 8), batch_norm_group_size=GROUP,
                                 rngs=nnx.Rngs(0))
 graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -630,6 +630,9 @@ def vmapped_step(params, rest, opt_state, x, y):
     return finish(params, opt_state, stats, grads, small, big)
 
 def per_device(params, rest, x, y):  # each device's 8 examples are one group
+    # Replicated params would get the gradient summed over the devices: make them
+    # device-varying so that each device differentiates its own group's loss.
+    params = jax.lax.pcast(params, "data", to="varying")
     (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, y)
     grads, small, big = ow.average_group_grads(grads, group_axis=None,
                                                axis_name="data")
