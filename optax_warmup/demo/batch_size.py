@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import optax
 from flax import nnx
@@ -43,6 +44,7 @@ from jax.sharding import Mesh
 import optax_warmup as ow
 from optax_warmup.demo import report
 from optax_warmup.demo.data import NUM_CLASSES
+from optax_warmup.demo.distributed import check_groups
 from optax_warmup.demo.experiment import (
     Arrays,
     FlagError,
@@ -466,6 +468,13 @@ class BatchSizeExperiment:
                     f"{values[-1]} exceeds the {n_train} training sequences of "
                     "--samples",
                 )
+        for config in settings.configs():  # ghost BatchNorm groups stay in a process
+            check_groups(
+                parse_config(config)[1],
+                settings.small_batch,
+                jax.process_count(),
+                flag="--batches",
+            )
         if settings.small_batch % devices:
             raise FlagError(
                 "--small-batch",
