@@ -133,3 +133,17 @@ def hlo_ops(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
         "lowered": len(_INSTRUCTION.findall(lowered.as_text(dialect="hlo"))),
         "compiled": len(_INSTRUCTION.findall(lowered.compile().as_text())),
     }
+
+
+def run_header(what: str, load_average: list[float] | None = None) -> str:
+    """The line above a benchmark's tables: ``what`` it ran, the backend and device,
+    the library versions and, if given, the 1-minute load before → after."""
+    env = environment()
+    line = (
+        f"\n{what}; {env['backend']} {env['device']} x{env['device_count']}, "
+        f"{env['cpu_count']} CPUs, jax {env['jax']}, optax {env['optax']}, "
+        f"flax {env['flax']}"
+    )
+    if load_average is not None:
+        line += f"; load average {load_average[0]:.1f} → {load_average[1]:.1f}"
+    return line + "\n"

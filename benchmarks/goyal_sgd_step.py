@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +34,13 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, time_call, write_result
+from _common import (
+    hlo_ops,
+    paired_ratio,
+    run_header,
+    time_call,
+    write_result,
+)
 
 import optax_warmup as ow
 
@@ -96,47 +99,6 @@ def make_step(graphdef: Any, tx: optax.GradientTransformation):
         return optax.apply_updates(params, updates), rest, opt_state, loss
 
     return step
-
-
-def paired_ratio(
-    base_fn: Any, base_args: tuple, fn: Any, args: tuple, pairs: int
-) -> dict[str, float]:
-    """Median over back-to-back pairs of (time of fn) / (time of base_fn).
-
-    Each pair runs both calls one after the other, in alternating order, so that a
-    slow spell of a loaded machine hits both sides of a pair alike; the median of
-    the pair ratios is far steadier than a ratio of two separate medians.
-    """
-    ratios, differences = [], []
-    for i in range(pairs):
-        order = [(base_fn, base_args), (fn, args)]
-        if i % 2:
-            order.reverse()
-        seconds = []
-        for f, a in order:
-            start = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            seconds.append(time.perf_counter() - start)
-        if i % 2:
-            seconds.reverse()
-        ratios.append(seconds[1] / seconds[0])
-        differences.append(seconds[1] - seconds[0])
-    return {
-        "ratio": statistics.median(ratios),
-        "difference_s": statistics.median(differences),
-    }
-
-
-_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+ = ", re.M)
-
-
-def hlo_ops(fn: Any, *args: Any) -> dict[str, int]:
-    """HLO instructions before (lowered) and after XLA's optimizations (compiled)."""
-    lowered = jax.jit(fn).lower(*args)
-    return {
-        "lowered": len(_INSTRUCTION.findall(lowered.as_text(dialect="hlo"))),
-        "compiled": len(_INSTRUCTION.findall(lowered.compile().as_text())),
-    }
 
 
 def imagenet_step(quick: bool, backend: str) -> dict[str, Any]:
@@ -259,13 +221,12 @@ def main(quick: bool = False) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    env = environment()
     print(
-        f"\n{result['model']} ({result['parameters']:,} parameters), batch "
-        f"{tuple(result['batch_shape'])}; {env['backend']} {env['device']} "
-        f"x{env['device_count']}, {env['cpu_count']} CPUs, jax {env['jax']}, "
-        f"optax {env['optax']}, flax {env['flax']}; load average "
-        f"{result['load_average_1min'][0]:.1f} → {result['load_average_1min'][1]:.1f}\n"
+        run_header(
+            f"{result['model']} ({result['parameters']:,} parameters), batch "
+            f"{tuple(result['batch_shape'])}",
+            result["load_average_1min"],
+        )
     )
     print(
         "| train step | median (ms) | first call (s) | time ratio vs sgd(constant) "

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, hlo_ops, paired_ratio, time_call, write_result
+from _common import hlo_ops, paired_ratio, run_header, time_call, write_result
 
 import optax_warmup as ow
 
@@ -134,13 +134,12 @@ def main(quick: bool = False) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    env = environment()
     print(
-        f"\n{result['model']} ({result['parameters']:,} parameters), batch "
-        f"{result['batch']} ({result['groups']} groups); {env['backend']} "
-        f"{env['device']} x{env['device_count']}, {env['cpu_count']} CPUs, jax "
-        f"{env['jax']}, optax {env['optax']}, flax {env['flax']}; load average "
-        f"{result['load_average_1min'][0]:.1f} → {result['load_average_1min'][1]:.1f}\n"
+        run_header(
+            f"{result['model']} ({result['parameters']:,} parameters), batch "
+            f"{result['batch']} ({result['groups']} groups)",
+            result["load_average_1min"],
+        )
     )
     plain = result["timings_s"]["plain"]["median_s"] * 1e3
     tracked = result["timings_s"]["tracked"]["median_s"] * 1e3

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, hlo_ops, paired_ratio, time_call, write_result
+from _common import hlo_ops, paired_ratio, run_header, time_call, write_result
 
 import optax_warmup as ow
 
@@ -175,12 +175,11 @@ def main(quick: bool = False) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    env = environment()
     print(
-        f"\n{result['model']} ({result['parameters']:,} parameters), batch "
-        f"{tuple(result['batch_shape'])}; {env['backend']} {env['device']} "
-        f"x{env['device_count']}, {env['cpu_count']} CPUs, jax {env['jax']}, "
-        f"optax {env['optax']}, flax {env['flax']}\n"
+        run_header(
+            f"{result['model']} ({result['parameters']:,} parameters), batch "
+            f"{tuple(result['batch_shape'])}"
+        )
     )
     print(
         "| recipe | ow step (ms) | optax step (ms) | time ratio ow / optax "
