@@ -54,7 +54,14 @@ from optax_warmup.demo.experiment import (
     Summary,
 )
 from optax_warmup.demo.training import steps_per_epoch, train_classifier
-from optax_warmup.demo.warmup import _floats, _ints, _shown, schedule_milestones
+from optax_warmup.demo.warmup import (
+    _floats,
+    _ints,
+    _shown,
+    add_model_arguments,
+    check_model_arguments,
+    schedule_milestones,
+)
 
 OPTIMIZERS = ("sgd", "lars")
 # 30,720 sequences: 24,576 = 6 × 4096 for training (no example dropped at any
@@ -371,24 +378,7 @@ class BatchSizeExperiment:
             default=100 * d.target_error,
             help="the test error (%%) of the steps-to-target figure",
         )
-        a(
-            "--weight-decay",
-            type=float,
-            default=d.weight_decay,
-            help="L2 on conv/dense kernels",
-        )
-        a(
-            "--label-smoothing",
-            type=float,
-            default=d.label_smoothing,
-            help="α of the cross-entropy",
-        )
-        a(
-            "--widths",
-            type=_ints,
-            default=_shown(d.widths),
-            help="SmallResNet1D stage widths, comma-separated (three)",
-        )
+        add_model_arguments(a, d)
 
     def settings(self, args: argparse.Namespace) -> Settings:
         for flag in ("small_batch", "epochs"):
@@ -424,15 +414,7 @@ class BatchSizeExperiment:
                 "--target-error",
                 f"must be in (0, 100) percent, got {args.target_error}",
             )
-        if not 0 <= args.label_smoothing <= 1:
-            raise FlagError(
-                "--label-smoothing", f"must be in [0, 1], got {args.label_smoothing}"
-            )
-        widths = args.widths
-        if len(widths) != 3 or min(widths) < 1:
-            raise FlagError(
-                "--widths", f"expected three positive widths, got {_shown(widths)}"
-            )
+        check_model_arguments(args)
         return Settings(
             small_batch=n,
             batches=args.batches,
@@ -442,7 +424,7 @@ class BatchSizeExperiment:
             milestones=schedule_milestones(args),
             weight_decay=args.weight_decay,
             label_smoothing=args.label_smoothing,
-            widths=widths,
+            widths=args.widths,
             optimizers=args.optimizers,
             lars_batches=args.lars_batches if "lars" in args.optimizers else (),
             lars_lr=args.lars_lr,

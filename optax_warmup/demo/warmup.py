@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -242,6 +242,43 @@ def _shown(values: Sequence[float]) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
+def add_model_arguments(add: Callable[..., Any], defaults: Any) -> None:
+    """The flags of the model and its loss, shared by the experiments:
+    ``--weight-decay``, ``--label-smoothing`` and ``--widths``, given to ``add``
+    (an argument group's ``add_argument``)."""
+    add(
+        "--weight-decay",
+        type=float,
+        default=defaults.weight_decay,
+        help="L2 on conv/dense kernels",
+    )
+    add(
+        "--label-smoothing",
+        type=float,
+        default=defaults.label_smoothing,
+        help="α of the cross-entropy",
+    )
+    add(
+        "--widths",
+        type=_ints,
+        default=_shown(defaults.widths),
+        help="SmallResNet1D stage widths, comma-separated (three)",
+    )
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """``FlagError`` for a label smoothing outside [0, 1] or widths that are not
+    three positive integers."""
+    if not 0 <= args.label_smoothing <= 1:
+        raise FlagError(
+            "--label-smoothing", f"must be in [0, 1], got {args.label_smoothing}"
+        )
+    if len(args.widths) != 3 or min(args.widths) < 1:
+        raise FlagError(
+            "--widths", f"expected three positive widths, got {_shown(args.widths)}"
+        )
+
+
 def schedule_milestones(args: argparse.Namespace) -> tuple[float, ...]:
     """``--milestones`` (default: ``default_milestones(--epochs)``), checked against
     ``--epochs`` and ``--warmup-epochs``; ``FlagError`` for a schedule that cannot
@@ -332,24 +369,7 @@ class WarmupExperiment:
             "training (default: 1/3, 2/3 and 8/9 of --epochs, Goyal's 30, 60, 80 "
             "of 90)",
         )
-        a(
-            "--weight-decay",
-            type=float,
-            default=d.weight_decay,
-            help="L2 on conv/dense kernels",
-        )
-        a(
-            "--label-smoothing",
-            type=float,
-            default=d.label_smoothing,
-            help="α of the cross-entropy",
-        )
-        a(
-            "--widths",
-            type=_ints,
-            default=_shown(d.widths),
-            help="SmallResNet1D stage widths, comma-separated (three)",
-        )
+        add_model_arguments(a, d)
 
     def settings(self, args: argparse.Namespace) -> Settings:
         for flag in ("small_batch", "large_batch", "epochs"):
@@ -365,15 +385,7 @@ class WarmupExperiment:
                 f"{args.small_batch}",
             )
         milestones = schedule_milestones(args)
-        if not 0 <= args.label_smoothing <= 1:
-            raise FlagError(
-                "--label-smoothing", f"must be in [0, 1], got {args.label_smoothing}"
-            )
-        widths = args.widths
-        if len(widths) != 3 or min(widths) < 1:
-            raise FlagError(
-                "--widths", f"expected three positive widths, got {_shown(widths)}"
-            )
+        check_model_arguments(args)
         return Settings(
             small_batch=args.small_batch,
             large_batch=args.large_batch,
@@ -383,7 +395,7 @@ class WarmupExperiment:
             milestones=milestones,
             weight_decay=args.weight_decay,
             label_smoothing=args.label_smoothing,
-            widths=widths,
+            widths=args.widths,
         )
 
     def load_settings(self, stored: Mapping[str, Any]) -> Settings:
