@@ -15,6 +15,7 @@ import optax
 import optax.contrib
 from jax.typing import ArrayLike
 
+from optax_warmup._adascale import AdaScaleState
 from optax_warmup._plateau import PlateauAfterWarmupState
 from optax_warmup._schedule_parts import WarmupShape
 from optax_warmup._schedules import warmup_schedule
@@ -203,7 +204,7 @@ def scale_by_warmup(
 # factors that scale_by_warmup and the plateau transformations multiply it by.
 _INJECTED = (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)
 _SCALES = (PlateauAfterWarmupState, optax.contrib.ReduceLROnPlateauState)
-_READ = (*_INJECTED, ScaleByWarmupState, *_SCALES)
+_READ = (*_INJECTED, AdaScaleState, ScaleByWarmupState, *_SCALES)
 
 
 def current_lr(opt_state: Any) -> jax.Array:
@@ -259,6 +260,8 @@ def current_lr(opt_state: Any) -> jax.Array:
         if isinstance(leaf, _INJECTED):
             if "learning_rate" in leaf.hyperparams:
                 rates.append((path, unwrap(leaf.hyperparams["learning_rate"])))
+        elif isinstance(leaf, AdaScaleState):  # its rate includes the inner one's
+            rates.append((path, unwrap(leaf.learning_rate)))
         elif isinstance(leaf, ScaleByWarmupState):
             factors.append(unwrap(leaf.factor))
         elif isinstance(leaf, _SCALES):
