@@ -216,9 +216,9 @@ def zero_gamma_init() -> Initializer:
 
     References:
       Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
-      arXiv:1706.02677 (Sec. 5.1, "zero γ").
+      arXiv:1706.02677 (Sec. 5.1: γ = 0 in each residual block's last BN).
       He et al. 2019, Bag of Tricks for Image Classification with Convolutional Neural
-      Networks, arXiv:1812.01187 (Sec. 3.1).
+      Networks, arXiv:1812.01187 (Sec. 3.1, "zero γ").
     """
 
     def init(

@@ -480,9 +480,11 @@ def current_noise_scale(opt_state: Any) -> jax.Array:
     ``opt_state`` of ``nnx.Optimizer`` with its wrappers, a ``TrainState`` or an
     ``nnx.Optimizer`` itself) for the one ``NoiseScaleState`` and divides its
     averages, ``trace_sigma / g2``. McCandlish et al. predict the critical batch
-    size to be about ``B_simple``: below it a doubled batch nearly halves the steps
-    to a target; above it the gain fades. The two averages are the state's fields
-    ``g2`` and ``trace_sigma`` (bias-corrected) for whoever wants them apart.
+    size to be about ``B_noise`` (their section 2.3), which ``B_simple`` approximates
+    (section 2.2; to an order of magnitude in their tasks): below it a doubled batch
+    nearly halves the steps to a target; above it the gain fades. The two averages
+    are the state's fields ``g2`` and ``trace_sigma`` (bias-corrected) for whoever
+    wants them apart.
 
     Edge cases: NaN before the first update (0 / 0). The average of ``g2`` can be
     <= 0 when the noise dominates and few steps are averaged; ``B_simple`` is then
@@ -511,7 +513,7 @@ def current_noise_scale(opt_state: Any) -> jax.Array:
 
     References:
       McCandlish et al. 2018, An Empirical Model of Large-Batch Training,
-      arXiv:1812.06162, section 2.2 and appendix A.1.
+      arXiv:1812.06162, sections 2.2 and 2.3 and appendix A.1.
     """
     if not isinstance(opt_state, tuple) and hasattr(opt_state, "opt_state"):
         opt_state = opt_state.opt_state

@@ -144,8 +144,8 @@ def sgd(
 
     ``optax.sgd`` with ``optax.masked(optax.add_decayed_weights(λ), mask)`` in front
     of it (``optax.sgd`` has no weight decay). The rate stays outside the velocity
-    ``v``, the second form of Goyal et al.'s section 2.3: when ``η`` changes (warmup,
-    milestones) no momentum correction is needed.
+    ``v``, the reference form of Goyal et al. (their eq. (9), section 3): when ``η``
+    changes (warmup, milestones) no momentum correction is needed.
 
     Edge cases: ``momentum=0`` is plain SGD; ``weight_decay=0`` turns the decay off.
 
@@ -178,7 +178,7 @@ def sgd(
 
     References:
       Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
-      arXiv:1706.02677, sections 2.3, 3 and 5.1; He et al. 2019, Bag of Tricks for
+      arXiv:1706.02677, sections 3 and 5.1; He et al. 2019, Bag of Tricks for
       Image Classification with Convolutional Neural Networks, arXiv:1812.01187,
       section 3.1 (no bias decay).
     """
@@ -227,7 +227,7 @@ def lars(
     et al. write ``‖g‖ + λ‖w‖``.
 
     The rate is inside the velocity ``u`` (optax's LARS form). When it changes,
-    Goyal et al.'s section 2.3 prescribe the momentum correction: with
+    Goyal et al. (section 3, remark 2) prescribe the momentum correction: with
     ``momentum_correction=True``, ``u ← m·(η(t)/η(t−1))·u − η(t)·d``, so a ×0.1
     milestone shrinks the next update tenfold at once instead of over ~1/(1−m)
     steps. Off by default, as in optax.
@@ -263,7 +263,7 @@ def lars(
 
     References:
       You, Gitman, Ginsburg 2017, Large Batch Training of Convolutional Networks,
-      arXiv:1708.03888; Goyal et al. 2017, arXiv:1706.02677, section 2.3.
+      arXiv:1708.03888; Goyal et al. 2017, arXiv:1706.02677, section 3 (remark 2).
     """
     _check_momentum(momentum)
     check_real("trust_coefficient", trust_coefficient, low=0.0, low_open=True)
@@ -428,7 +428,8 @@ def goyal_sgd(
       batch_size: the global minibatch size kn of one update (> 0).
       steps_per_epoch: optimizer updates per epoch (an integer > 0).
       momentum: m, in [0, 1).
-      nesterov: Nesterov momentum.
+      nesterov: Nesterov momentum (Goyal et al. used it, noting that standard
+        momentum is equally effective; section 5.1).
       weight_decay: λ, a number >= 0 or a schedule (1e-4 in the paper).
       mask: which leaves are decayed (see ``sgd``).
       **schedule_args: the keyword arguments of ``goyal_schedule``.

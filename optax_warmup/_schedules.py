@@ -98,9 +98,9 @@ def warmup_schedule(
 
     Step ``t >= W`` gives ``after(t - W)`` with ``time="relative"`` (optax's
     ``join_schedules`` convention: ``after`` starts afresh at the hand-off) or
-    ``after(t)`` with ``time="absolute"`` (Goyal's "go back to the original
-    schedule": decay milestones stay at absolute epochs). The hand-off is continuous
-    for every shape but ``"constant"``, since the warmup ends at ``peak``.
+    ``after(t)`` with ``time="absolute"`` (Goyal's "we go back to the original learning
+    rate schedule": decay milestones stay at absolute epochs). The hand-off is
+    continuous for every shape but ``"constant"``, since the warmup ends at ``peak``.
 
     Edge cases: step 0 gives ``init_value`` (for ``W > 0``); ``warmup_steps=0`` gives
     exactly ``after`` at every step (optax's ``warmup_constant_schedule`` with 0 steps

@@ -73,8 +73,8 @@ def scale_and_trace(
 
     This is ``optax.chain(optax.scale_by_learning_rate(η), optax.trace(m, nesterov))``
     (the form of ``optax.lars``) when ``momentum_correction`` is False (``c = 1``).
-    With it, ``c = η_t / η_{t-1}``, Goyal et al.'s momentum correction (their
-    eq. 10): when the rate changes, the velocity is rescaled with it, so a ×0.1
+    With it, ``c = η_t / η_{t-1}``, Goyal et al.'s momentum correction (their §3,
+    remark 2): when the rate changes, the velocity is rescaled with it, so a ×0.1
     milestone shrinks the very next update tenfold. ``c = 1`` at the first update
     and wherever the previous rate was 0. Nesterov's update is ``m·c·u_new − η·g``.
     """
@@ -133,7 +133,7 @@ def scale_by_warmup(
     multiplies in.
 
     Edge cases: the first update uses ``f(0) = init_value`` (0 by default: the first
-    update is zero, as in Goyal et al.'s warmup from 0); the update of count ``W``
+    update is zero, as in He et al. 2019's warmup from 0); the update of count ``W``
     is the first at factor 1; ``warmup_steps=0`` gives factor 1 from the start.
     Under ``optax.MultiSteps`` the count is of optimizer updates, not micro-batches.
 

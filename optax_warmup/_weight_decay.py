@@ -96,9 +96,10 @@ def decay_mask(
     1) name: ``False`` (not decayed) for a leaf named ``bias`` or ``scale``, the
        names that flax's layers give to biases and to the parameters of
        ``LayerNorm``, ``RMSNorm``, ``BatchNorm`` and ``GroupNorm`` (nnx and linen),
-       whatever its rank: Goyal et al.'s "no weight decay on BN γ and β" and He et
-       al.'s "no bias decay", also for the ``(L, C)`` biases and norm scales of L
-       stacked layers and the ``(heads, head_dim)`` biases of attention;
+       whatever its rank, also for the ``(L, C)`` biases and norm scales of L stacked
+       layers and the ``(heads, head_dim)`` biases of attention. Goyal et al. apply no
+       weight decay to BN's γ and β and say nothing of biases; skipping biases is He
+       et al. 2019's "no bias decay" (and common practice);
     2) rank, for every other leaf: ``True`` (decayed) when one layer of it has
        ``ndim >= 2`` (conv and dense kernels, embeddings), ``False`` otherwise;
     3) ``exclude``: ``False`` when the leaf's path matches one of these patterns;

@@ -134,7 +134,7 @@ def test_adamw_equals_optax_adamw_with_the_mask():
     assert_same_steps(tx, reference, rtol=1e-5)
 
 
-# LARS's momentum correction (Goyal et al. section 2.3).
+# LARS's momentum correction (Goyal et al. section 3, remark 2).
 
 
 def test_momentum_correction_shrinks_the_next_update_tenfold_at_a_milestone():

@@ -6,7 +6,7 @@ imports it. Importing it has no side effects: those are in ``__main__``.
 Modules:
   ``__main__``: the command line: parse → plan → run → write.
   ``experiment``: the interface an experiment implements (``Experiment``, ``Run``).
-  ``warmup``: the warmup experiment (Table 2a): its configurations, settings,
+  ``warmup``: the warmup experiment (Table 1): its configurations, settings,
     flags and one run; ``warmup_report``: its summary, table and figures.
   ``training``: one run of a classifier on one device mesh, per-epoch curves.
   ``runner``: a list of runs on this machine: in this process or one CPU worker

@@ -7,7 +7,7 @@ to ``--out`` the moment it finishes) and write (the table, the figures and
 ``results.json``). Global side effects (JAX's compilation cache, the workers'
 environment, the signal handler) happen here and nowhere else in the demo.
 
-The default experiment, ``warmup``, is Goyal et al.'s Table 2a on MNIST-1D (see
+The default experiment, ``warmup``, is Goyal et al.'s Table 1 on MNIST-1D (see
 ``optax_warmup.demo.warmup``). Outputs in ``--out`` (default
 ``./optax_warmup_demo/``): ``results.json`` (settings, every run's per-epoch curves,
 the summary and the published anchors), ``table.md`` (final test error, mean ± std

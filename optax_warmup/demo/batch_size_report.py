@@ -8,7 +8,7 @@ the training-average B_simple, the steps to the target error) and the analysis:
   exceeds the reference's by more than two standard errors of the gap,
   ``Δ > 2·√(s²/m + s_ref²/m_ref)`` (with one seed a side the standard error is 0
   and any excess counts); the measured critical batch is the largest batch below
-  it (Goyal et al.'s "flat up to 8k");
+  it (Goyal et al.'s stable region, which on ImageNet reaches about 8k, §2.1);
 - the predicted critical batch: B_simple of the SGD runs at the smallest batch
   above n (the trajectory closest to the reference's), averaged over training as
   McCandlish et al. do: the ratio of the averages over epochs,

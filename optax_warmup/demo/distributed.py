@@ -29,7 +29,7 @@ This module has no side effects on import; ``__main__`` calls ``connect``.
 
 References:
   Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
-  arXiv:1706.02677 (section 3: BatchNorm statistics per worker).
+  arXiv:1706.02677 (section 2.3: BatchNorm statistics per worker).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The warmup experiment (the default of ``python -m optax_warmup.demo``).
 
-Goyal et al. 2017's comparison (Table 2a and Figures 2-3), scaled down: a small 1-D
+Goyal et al. 2017's comparison (Table 1 and Figure 2), scaled down: a small 1-D
 ResNet (``ow.models.SmallResNet1D``) trained on MNIST-1D in four configurations,
 each for the same number of epochs with the learning rate divided by 10 at the same
 epochs:
@@ -71,7 +71,7 @@ CONFIGS: dict[str, Config] = {
 REFERENCE = "reference"
 
 ANCHORS = {
-    "goyal_2017_table_2a": {
+    "goyal_2017_table_1": {
         "what": "ResNet-50 on ImageNet, top-1 error %, mean ± std of 5 runs",
         "reference (kn=256, η=0.1)": "23.60 ± 0.12",
         "no warmup (kn=8k, η=3.2)": "24.84 ± 0.37",
@@ -325,11 +325,11 @@ _FLAG_OF = {
 
 
 class WarmupExperiment:
-    """Goyal's Table 2a on MNIST-1D: the ``Experiment`` of this module."""
+    """Goyal's Table 1 on MNIST-1D: the ``Experiment`` of this module."""
 
     name = "warmup"
     description = (
-        "Goyal et al. 2017's warmup comparison (Table 2a) on MNIST-1D: a small batch "
+        "Goyal et al. 2017's warmup comparison (Table 1) on MNIST-1D: a small batch "
         "n with rate η against a large batch kn with the linearly scaled rate kη and "
         "no, constant or gradual warmup; same epochs, ×0.1 decays at the same epochs."
     )

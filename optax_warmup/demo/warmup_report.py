@@ -2,7 +2,7 @@
 
 ``summarize`` turns the runs into the final test error per configuration (mean ± std
 over seeds, the gap to the reference and Welch's p), ``markdown_table`` lays it out
-like Goyal et al.'s Table 2a, and ``plot`` draws ``training_error.png`` (the training
+like Goyal et al.'s Table 1, and ``plot`` draws ``training_error.png`` (the training
 error per epoch of each large-batch configuration against the reference, their
 Figure 2 layout) and ``lr_schedules.png`` (every configuration's learning-rate
 schedule, whole and its first epochs) with matplotlib's Agg backend.
@@ -59,7 +59,7 @@ def summarize(results: Sequence[Result], settings: Settings) -> Summary:
 
 
 def markdown_table(summary: Summary) -> str:
-    """Goyal's Table 2a layout: one row per configuration, errors in percent."""
+    """Goyal's Table 1 layout: one row per configuration, errors in percent."""
     header = [
         "configuration",
         "batch",
