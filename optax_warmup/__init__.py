@@ -18,6 +18,7 @@ from optax_warmup._adascale import (
     adascale_progress,
     current_gain,
 )
+from optax_warmup._batch_rates import BatchScaledRate, batch_scaled_rate
 from optax_warmup._batch_schedules import (
     BatchSizeSchedule,
     rampup_batch_size,
@@ -50,8 +51,9 @@ from optax_warmup._weight_decay import decay_mask, decay_report, masked_weight_d
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaScaleState",
     "AccumulateState",
+    "AdaScaleState",
+    "BatchScaledRate",
     "BatchSizeSchedule",
     "NoiseScaleState",
     "PlateauAfterWarmupState",
@@ -62,6 +64,7 @@ __all__ = [
     "adascale",
     "adascale_progress",
     "average_group_grads",
+    "batch_scaled_rate",
     "consumed_samples",
     "current_batch_size",
     "current_gain",

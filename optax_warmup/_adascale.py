@@ -279,11 +279,19 @@ def current_gain(opt_state: Any) -> jax.Array:
 
     Raises:
       ValueError: no ``AdaScaleState``, or more than one (the message lists where).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_warmup as ow
+      >>> tx = ow.adascale(optax.sgd, reference_batch_size=8)(learning_rate=0.1)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> float(ow.current_gain(state))
+      1.0
     """
     return unwrap(_find(opt_state, "current_gain").gain)
 
 
-def adascale_progress(opt_state: ArrayLike | Any) -> jax.Array:
+def adascale_progress(opt_state: Any) -> jax.Array:
     """AdaScale's scale-invariant iterations ``τ``: the sum of the gains so far.
 
     A run at a larger batch has done the work of ``τ`` reference iterations; stop
@@ -298,6 +306,17 @@ def adascale_progress(opt_state: ArrayLike | Any) -> jax.Array:
 
     Raises:
       ValueError: no ``AdaScaleState``, or more than one (the message lists where).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optax_warmup as ow
+      >>> tx = ow.adascale(optax.sgd, reference_batch_size=8)(learning_rate=0.1)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> for _ in range(3):  # identical groups: no noise, a gain of 1
+      ...     _, state = tx.update({"w": jnp.ones(2)}, state, small_sq_norm=2.0,
+      ...                          big_sq_norm=2.0, b_small=8, b_big=64)
+      >>> float(ow.adascale_progress(state))
+      3.0
     """
     state = _find(opt_state, "adascale_progress")
     fraction = unwrap(state.progress_fraction)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
+from optax_warmup._batch_rates import BatchScaledRate
 from optax_warmup._schedules import goyal_schedule
 from optax_warmup._stacked_layers import Stacked, check_stacked
 from optax_warmup._transforms import keep_update_dtype, scale_and_trace
@@ -41,6 +42,7 @@ def _recipe(
     ``inject_hyperparams`` would round every numeric hyperparameter to the
     parameters' dtype, and in bfloat16 Adam's ``b2 = 0.999`` is 1.0.
     """
+    follows_batch = isinstance(learning_rate, BatchScaledRate)
     if not callable(learning_rate):
         check_real("learning_rate", learning_rate, low=0.0)
     if not callable(weight_decay):
@@ -51,22 +53,32 @@ def _recipe(
         mask = functools.partial(decay_mask, stacked=stacked)
     static = {**static, "mask": mask, "stacked": stacked}
 
-    def injected(params: optax.Params) -> optax.GradientTransformationExtraArgs:
+    def injected(
+        params: optax.Params, rate: optax.ScalarOrSchedule
+    ) -> optax.GradientTransformationExtraArgs:
         dtype = jnp.promote_types(optax.tree.dtype(params, "highest"), jnp.float32)
         inject = optax.inject_hyperparams(
             parts, static_args=tuple(static), hyperparam_dtype=dtype
         )
-        return inject(learning_rate=learning_rate, weight_decay=weight_decay, **static)
+        return inject(learning_rate=rate, weight_decay=weight_decay, **static)
 
     def init_fn(params):
-        return injected(params).init(params)
+        rate = learning_rate
+        if follows_batch:  # before any update: the base batch's rate at 0 samples
+            start = learning_rate.schedule(jnp.zeros([], jnp.int32))
+            rate = lambda _: start  # noqa: E731
+        return injected(params, rate).init(params)
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError(
                 "this optimizer needs the params: call update(grads, state, params)"
             )
-        return injected(params).update(updates, state, params, **extra_args)
+        rate = learning_rate
+        if follows_batch:  # the rate of this update's batch and consumed samples
+            value = learning_rate.at_update(extra_args)
+            rate = lambda _: value  # noqa: E731
+        return injected(params, rate).update(updates, state, params, **extra_args)
 
     return keep_update_dtype(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 

@@ -454,3 +454,72 @@ def test_orbax_checkpoint_mid_ramp_resumes_bit_identically(tmp_path):
     assert first["trace"][-1, 1] == 8  # the ramp finished after the restore
     for name in ("kernel", "bias"):
         np.testing.assert_array_equal(first[name], resumed[name])
+
+
+# --- a rate that follows the batch ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("recipe", "kwargs"),
+    [
+        (ow.sgd, {"momentum": 0.0, "weight_decay": 0.0}),
+        (ow.lars, {"momentum": 0.0, "weight_decay": 0.0}),
+        (ow.lamb, {"weight_decay": 0.0}),
+        (ow.adamw, {"weight_decay": 0.0}),
+    ],
+)
+def test_every_recipe_takes_a_rate_that_follows_the_batch(recipe, kwargs):
+    schedule = optax.linear_schedule(0.2, 0.1, 64)  # of consumed samples
+    lr = ow.batch_scaled_rate(schedule, base_batch_size=4, rule="linear")
+    batch = ow.rampup_batch_size(4, 4, 16, 12)  # 4, 8 from 8, 12 from 16
+    tx = ow.accumulate(recipe(lr, **kwargs), batch_size=batch,
+                       micro_batch_size=4)  # fmt: skip
+    params = {"kernel": jnp.ones((2, 3))}
+    state = tx.init(params)
+    np.testing.assert_allclose(ow.current_lr(state), 0.2, rtol=1e-6)  # η₀(0), b₀
+    step = jax.jit(tx.update)
+    rates, consumed = [], 0
+    for i in range(12):
+        g = {"kernel": jnp.full((2, 3), 0.1 * (i + 1))}
+        _, state = step(g, state, params)
+        if int(state.micro_step) == 0:
+            rates.append(float(ow.current_lr(state)))
+    expected = []
+    for _ in rates:
+        b = batch(consumed)
+        expected.append(float(schedule(consumed)) * b / 4)
+        consumed += b
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+    assert int(ow.consumed_samples(state)) == consumed
+
+
+def test_sgd_update_uses_the_scaled_rate():
+    lr = ow.batch_scaled_rate(0.1, base_batch_size=2, rule="sqrt")
+    tx = ow.accumulate(ow.sgd(lr, momentum=0.0, weight_decay=0.0), batch_size=8,
+                       micro_batch_size=2)  # fmt: skip
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    for _ in range(4):
+        updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+    np.testing.assert_allclose(updates["w"], -0.1 * 2.0, rtol=1e-6)  # √(8/2) = 2
+
+
+def test_a_rate_that_follows_the_batch_needs_accumulate():
+    tx = ow.sgd(ow.batch_scaled_rate(0.1, rule="none"))
+    params = {"w": jnp.zeros(3)}
+    with pytest.raises(TypeError, match="wrap the optimizer in ow.accumulate"):
+        tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+    updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params,
+                           consumed_samples=0, b_big=64)  # fmt: skip
+    assert updates["w"].shape == (3,)
+
+
+def test_batch_scaled_rate_errors_name_the_argument():
+    with pytest.raises(ValueError, match="base_batch_size is needed for rule='linear'"):
+        ow.batch_scaled_rate(0.1)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        ow.batch_scaled_rate(0.1, base_batch_size=32, rule="square")
+    with pytest.raises(ValueError, match="base_batch_size must be an integer >= 1"):
+        ow.batch_scaled_rate(0.1, base_batch_size=0)
+    with pytest.raises(ValueError, match="learning_rate must be >= 0.0"):
+        ow.batch_scaled_rate(-0.1, base_batch_size=32)
