@@ -91,9 +91,9 @@ def run_ours(case: tuple, x: np.ndarray, y: np.ndarray, w0: np.ndarray) -> dict:
     _, micro, groups, reference, smoothing, momentum, updates = case
     tx = ow.accumulate(
         ow.adascale(optax.sgd, reference_batch_size=reference, smoothing=smoothing)(
-            learning_rate=lambda tau: 0.2
-            * 0.5
-            * (1 + jnp.cos(jnp.pi * jnp.minimum(tau / 40.0, 1.0))),
+            learning_rate=lambda tau: (
+                0.2 * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(tau / 40.0, 1.0)))
+            ),
             momentum=momentum or None,
         ),
         batch_size=groups * micro,
@@ -134,7 +134,7 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
 
 def main(quick: bool = False) -> dict[str, Any]:
     try:
-        import fairscale  # noqa: F401
+        import fairscale
         import torch
     except ImportError as error:
         print(f"skipped: {error} (install the bench extra and fairscale)")
@@ -170,7 +170,9 @@ def main(quick: bool = False) -> dict[str, Any]:
         f"\now.adascale vs fairscale.optim.AdaScale (float64), torch "
         f"{torch.__version__}, fairscale {fairscale.__version__}\n"
     )
-    print("| case | updates | final gain | final τ | max rel. diff (gain, τ, rate, w) |")
+    print(
+        "| case | updates | final gain | final τ | max rel. diff (gain, τ, rate, w) |"
+    )
     print("|---|---:|---:|---:|---|")
     for c in cases:
         d = c["max_relative_difference"]
@@ -179,7 +181,8 @@ def main(quick: bool = False) -> dict[str, Any]:
             f"{c['final_tau']:.3f} | {d['gain']:.1e}, {d['tau']:.1e}, "
             f"{d['rate']:.1e}, {d['weights']:.1e} |"
         )
-    return {"cases": cases, "torch": torch.__version__, "fairscale": fairscale.__version__}
+    versions = {"torch": torch.__version__, "fairscale": fairscale.__version__}
+    return {"cases": cases, **versions}
 
 
 if __name__ == "__main__":

@@ -224,9 +224,7 @@ def accumulate(
             )
             return optax.tree.zeros_like(shapes), new_state
 
-        return jax.lax.cond(
-            emit, emitted, accumulated, mean, sq_sum, state.inner_state
-        )
+        return jax.lax.cond(emit, emitted, accumulated, mean, sq_sum, state.inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

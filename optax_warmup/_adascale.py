@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.typing import ArrayLike
 
 from optax_warmup._tree_paths import flatten, unwrap
 from optax_warmup._validation import check_int, check_real

@@ -62,9 +62,8 @@ class BatchScaledRate:
 
     def at_update(self, extra_args: dict[str, Any]) -> jax.Array:
         """The rate of an update, from the extra arguments of ``ow.accumulate``."""
-        missing = [
-            name for name in ("consumed_samples", "b_big") if extra_args.get(name) is None
-        ]
+        needed = ("consumed_samples", "b_big")
+        missing = [name for name in needed if extra_args.get(name) is None]
         if missing:
             raise TypeError(
                 "a batch_scaled_rate needs the samples consumed and the batch of each "

@@ -82,12 +82,13 @@ class BatchSizeSchedule:
         # Boundaries past the dtype's range can never be reached by a count of that
         # dtype: clip them to its maximum (reached only by a saturated counter).
         top = int(jnp.iinfo(consumed.dtype).max)
-        boundaries = jnp.asarray([min(b, top) for b in self.boundaries], consumed.dtype)
+        clipped = [min(b, top) for b in self.boundaries]
+        boundaries = jnp.asarray(clipped, consumed.dtype)
         values = jnp.asarray(self._values, jnp.int32)
-        i = jnp.searchsorted(boundaries, consumed, side="right") - 1
+        index = jnp.searchsorted(boundaries, consumed, side="right") - 1
         # A negative count (under jit, where it cannot raise) gives batch 0, which
         # ``ow.accumulate`` turns into NaN updates rather than a plausible batch.
-        return jnp.where(i >= 0, values[jnp.maximum(i, 0)], 0)
+        return jnp.where(index >= 0, values[jnp.maximum(index, 0)], 0)
 
 
 def rampup_batch_size(
@@ -216,7 +217,8 @@ def step_batch_size(batch_sizes: Mapping[int, int]) -> BatchSizeSchedule:
         raise ValueError("batch_sizes must have at least one entry, {0: batch}")
     entries = []
     for threshold, size in batch_sizes.items():
-        t = _check_positive_int(f"batch_sizes threshold {threshold!r}", threshold, low=0)
+        name = f"batch_sizes threshold {threshold!r}"
+        t = _check_positive_int(name, threshold, low=0)
         b = _check_positive_int(f"batch_sizes[{threshold!r}]", size)
         entries.append((t, b))
     entries.sort()
@@ -251,4 +253,3 @@ def as_batch_schedule(batch_size: Any) -> Any:
     if callable(batch_size):
         return batch_size
     return lambda consumed: jnp.full(jnp.shape(consumed), batch_size, jnp.int32)
-

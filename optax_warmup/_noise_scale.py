@@ -423,8 +423,8 @@ def track_noise_scale(
         **extra_args,
     ):
         del params
-        small_size = extra_args.get("b_small", b_small)
-        big_size = extra_args.get("b_big", b_big)
+        small_size: Any = extra_args.get("b_small", b_small)
+        big_size: Any = extra_args.get("b_big", b_big)
         missing = [
             name
             for name, value in (

@@ -76,8 +76,9 @@ def test_pure_noise_gives_gain_s_and_identical_gradients_give_1():
     # Identical gradients: no variance (clamped to 1e-6), a gain of 1.
     same = np.tile(rng.normal(size=(1, 4)), (16, 1))
     state = tx.init(params)
-    _, state = tx.update({"w": jnp.asarray(same[0])}, state, **norms(same),
-                         b_small=16, b_big=256)  # fmt: skip
+    _, state = tx.update(
+        {"w": jnp.asarray(same[0])}, state, **norms(same), b_small=16, b_big=256
+    )
     np.testing.assert_allclose(ow.current_gain(state), 1.0, rtol=1e-5)
 
 
@@ -101,8 +102,14 @@ def test_step_for_step_equal_to_a_copy_of_fairscale(reference, smoothing):
         signal = rng.normal(size=5) * (1.0 / (t + 1))
         micro = signal + rng.normal(size=(groups, 5)) * 0.5
         mean = micro.mean(0)
-        updates, state = step({"kernel": jnp.asarray(mean, jnp.float32)}, state,
-                              params, **norms(micro), b_small=b_small, b_big=b_big)  # fmt: skip
+        updates, state = step(
+            {"kernel": jnp.asarray(mean, jnp.float32)},
+            state,
+            params,
+            **norms(micro),
+            b_small=b_small,
+            b_big=b_big,
+        )
         params = optax.apply_updates(params, updates)
         copy.observe(list(micro))
         gain = copy.gain()
@@ -159,12 +166,19 @@ def test_one_group_keeps_the_averages():
     tx = ow.adascale(optax.sgd, reference_batch_size=4)(learning_rate=1.0)
     state = tx.init({"w": jnp.zeros(2)})
     micro = np.array([[1.0, 0.0], [0.0, 1.0]])
-    _, state = tx.update({"w": jnp.asarray(micro.mean(0))}, state, **norms(micro),
-                         b_small=4, b_big=8)  # fmt: skip
+    _, state = tx.update(
+        {"w": jnp.asarray(micro.mean(0))}, state, **norms(micro), b_small=4, b_big=8
+    )
     before = float(ow.current_gain(state))
     # A batch of one group at S = 2: the averages stay, the gain is theirs at S = 2.
-    _, after = tx.update({"w": jnp.ones(2)}, state, small_sq_norm=5.0,
-                         big_sq_norm=5.0, b_small=8, b_big=8)  # fmt: skip
+    _, after = tx.update(
+        {"w": jnp.ones(2)},
+        state,
+        small_sq_norm=5.0,
+        big_sq_norm=5.0,
+        b_small=8,
+        b_big=8,
+    )
     assert float(ow.current_gain(after)) == pytest.approx(before, rel=1e-6)
     np.testing.assert_array_equal(after.variance_sum, state.variance_sum)
     assert float(ow.adascale_progress(after)) == pytest.approx(2 * before, rel=1e-6)
@@ -174,8 +188,14 @@ def test_progress_keeps_its_precision_over_many_gains():
     tx = ow.adascale(optax.sgd, reference_batch_size=1)(learning_rate=0.1)
     state = tx.init({"w": jnp.zeros(())})
     step = jax.jit(
-        lambda s: tx.update({"w": jnp.zeros(())}, s, small_sq_norm=2.0,
-                            big_sq_norm=1.0, b_small=1, b_big=3)[1]  # fmt: skip
+        lambda s: tx.update(
+            {"w": jnp.zeros(())},
+            s,
+            small_sq_norm=2.0,
+            big_sq_norm=1.0,
+            b_small=1,
+            b_big=3,
+        )[1]
     )
     state = jax.lax.fori_loop(0, 200_000, lambda _, s: step(s), state)
     gain = float(ow.current_gain(state))
@@ -196,8 +216,15 @@ def test_rate_before_any_update_and_no_retrace():
     @jax.jit
     @chex.assert_max_traces(n=1)
     def step(state, b_big):
-        return tx.update({"kernel": jnp.ones((2, 2))}, state, params,
-                         small_sq_norm=3.0, big_sq_norm=1.0, b_small=2, b_big=b_big)  # fmt: skip
+        return tx.update(
+            {"kernel": jnp.ones((2, 2))},
+            state,
+            params,
+            small_sq_norm=3.0,
+            big_sq_norm=1.0,
+            b_small=2,
+            b_big=b_big,
+        )
 
     for b_big in (4, 8, 16):  # traced sizes: one compilation for every batch
         _, state = step(state, jnp.int32(b_big))
@@ -227,26 +254,38 @@ def test_float64_state_with_float64_params():
     with jax.enable_x64(True):
         tx = ow.adascale(optax.sgd, reference_batch_size=1)(learning_rate=0.1)
         state = tx.init({"w": jnp.zeros(2, jnp.float64)})
-        _, state = tx.update({"w": jnp.zeros(2, jnp.float64)}, state,
-                             small_sq_norm=2.0, big_sq_norm=1.0, b_small=1, b_big=2)  # fmt: skip
+        _, state = tx.update(
+            {"w": jnp.zeros(2, jnp.float64)},
+            state,
+            small_sq_norm=2.0,
+            big_sq_norm=1.0,
+            b_small=1,
+            b_big=2,
+        )
         assert state.gain.dtype == jnp.float64
         assert ow.adascale_progress(state).dtype == jnp.float64
 
 
 def test_named_errors():
-    with pytest.raises(ValueError, match="reference_batch_size must be an integer >= 1"):
+    with pytest.raises(ValueError, match="reference_batch_size must be an integer"):
         ow.adascale(optax.sgd, reference_batch_size=0)
     with pytest.raises(ValueError, match=r"smoothing must be in \[0.0, 1.0\)"):
         ow.adascale(optax.sgd, reference_batch_size=8, smoothing=1.0)
-    with pytest.raises(ValueError, match="learning_rate must be >= 0.0"):
+    with pytest.raises(ValueError, match=r"learning_rate must be >= 0\.0"):
         ow.adascale(optax.sgd, reference_batch_size=8)(learning_rate=-1.0)
     tx = ow.adascale(optax.sgd, reference_batch_size=8)(learning_rate=0.1)
     state = tx.init({"w": jnp.zeros(2)})
     with pytest.raises(TypeError, match="missing big_sq_norm, b_big"):
         tx.update({"w": jnp.zeros(2)}, state, small_sq_norm=1.0, b_small=8)
     with pytest.raises(ValueError, match="b_small=8, b_big=20"):
-        tx.update({"w": jnp.zeros(2)}, state, small_sq_norm=1.0, big_sq_norm=1.0,
-                  b_small=8, b_big=20)  # fmt: skip
+        tx.update(
+            {"w": jnp.zeros(2)},
+            state,
+            small_sq_norm=1.0,
+            big_sq_norm=1.0,
+            b_small=8,
+            b_big=20,
+        )
     with pytest.raises(ValueError, match="current_gain found no AdaScaleState"):
         ow.current_gain(optax.sgd(0.1).init({"w": jnp.zeros(2)}))
     with pytest.raises(ValueError, match="adascale_progress found 2 AdaScaleStates"):
@@ -267,7 +306,8 @@ tx = ow.accumulate(
     batch_size=ow.rampup_batch_size(4, 4, 24, 12), micro_batch_size=2)
 
 def init_params():
-    return {"kernel": jax.random.normal(jax.random.key(0), (4, 3)), "bias": jnp.zeros(3)}
+    key = jax.random.key(0)
+    return {"kernel": jax.random.normal(key, (4, 3)), "bias": jnp.zeros(3)}
 
 @jax.jit
 def step(params, opt_state, t):
@@ -291,8 +331,10 @@ for t in range(start, TOTAL):
         checkpointer.save(directory, {"params": params, "opt_state": opt_state})
         checkpointer.wait_until_finished()
     params, opt_state = step(params, opt_state, t)
-    trace.append([float(ow.current_gain(opt_state)), float(ow.adascale_progress(opt_state)),
-                  float(ow.current_lr(opt_state)), int(ow.current_batch_size(opt_state))])
+    trace.append([float(ow.current_gain(opt_state)),
+                  float(ow.adascale_progress(opt_state)),
+                  float(ow.current_lr(opt_state)),
+                  int(ow.current_batch_size(opt_state))])
 np.savez(out, trace=np.asarray(trace), **{k: np.asarray(v) for k, v in params.items()})
 """
 
@@ -302,9 +344,12 @@ def test_orbax_checkpoint_mid_adascale_resumes_bit_identically(tmp_path):
     def run(*args):
         done = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(CHECKPOINT_SCRIPT), *map(str, args)],
-            capture_output=True, text=True, cwd=ROOT, timeout=300,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )  # fmt: skip
+        )
         assert done.returncode == 0, done.stderr[-4000:]
 
     run("first", tmp_path / "ckpt", tmp_path / "first.npz")
@@ -325,9 +370,12 @@ def test_equal_to_fairscale_in_float64_when_torch_is_installed(tmp_path):
     pytest.importorskip("fairscale")
     done = subprocess.run(
         [sys.executable, str(FAIRSCALE), "--out", str(tmp_path / "fs.json")],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     import json
 

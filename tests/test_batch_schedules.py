@@ -78,8 +78,15 @@ def test_megatron_floats_land_one_short_where_exact_arithmetic_does_not():
 def test_ramp_values_and_batch_sizes():
     schedule = ow.rampup_batch_size(32, 32, 300, 128)
     assert [schedule(c) for c in (0, 99, 100, 199, 200, 299, 300, 301)] == [
-        32, 32, 64, 64, 96, 96, 128, 128,
-    ]  # fmt: skip
+        32,
+        32,
+        64,
+        64,
+        96,
+        96,
+        128,
+        128,
+    ]
     assert schedule.batch_sizes == (32, 64, 96, 128)
     assert "300: 128" in repr(schedule)
 
