@@ -199,32 +199,31 @@ def accumulate(
                 handed["big_sq_norm"] = _sq_norm(mean, dtype)
             return inner.update(grads, inner_state, params, **handed, **extra_args)
 
-        def emitted(mean, sq_sum, inner_state):
-            new_updates, inner_state = apply(mean, sq_sum, inner_state)
-            consumed = _add_saturating(state.consumed_samples, batch)
-            new_state = AccumulateState(
-                micro_step=jnp.zeros([], jnp.int32),
-                batch_size=batch_of(consumed),
-                consumed_samples=consumed,
-                mean_grads=jax.tree.map(jnp.zeros_like, mean),
-                sq_norm_sum=jnp.zeros([], dtype),
-                inner_state=inner_state,
-            )
-            return new_updates, new_state
-
-        def accumulated(mean, sq_sum, inner_state):
+        def skipped(mean, sq_sum, inner_state):
             shapes, _ = jax.eval_shape(apply, mean, sq_sum, inner_state)
-            new_state = AccumulateState(
-                micro_step=n + 1,
-                batch_size=batch,
-                consumed_samples=state.consumed_samples,
-                mean_grads=mean,
-                sq_norm_sum=state.sq_norm_sum if sq_sum is None else sq_sum,
-                inner_state=inner_state,
-            )
-            return optax.tree.zeros_like(shapes), new_state
+            return optax.tree.zeros_like(shapes), inner_state
 
-        return jax.lax.cond(emit, emitted, accumulated, mean, sq_sum, state.inner_state)
+        # Only the inner update sits in the cond; the counters and the running
+        # sums move with jnp.where, fused with the sums themselves.
+        new_updates, inner_state = jax.lax.cond(
+            emit, apply, skipped, mean, sq_sum, state.inner_state
+        )
+        consumed = jnp.where(
+            emit,
+            _add_saturating(state.consumed_samples, batch),
+            state.consumed_samples,
+        )
+        new_state = AccumulateState(
+            micro_step=jnp.where(emit, 0, n + 1).astype(jnp.int32),
+            batch_size=jnp.where(emit, batch_of(consumed), batch),
+            consumed_samples=consumed,
+            mean_grads=jax.tree.map(lambda m: jnp.where(emit, 0, m), mean),
+            sq_norm_sum=(
+                state.sq_norm_sum if sq_sum is None else jnp.where(emit, 0, sq_sum)
+            ),
+            inner_state=inner_state,
+        )
+        return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
