@@ -1,8 +1,16 @@
 """Shared timing and reporting for the benchmark scripts (not part of the library).
 
-Every script times the first (compiling) call apart, warms up, then times ``repeats``
-calls that each end in ``block_until_ready`` and reports the median, so the same
-script gives comparable numbers on CPU, GPU and TPU.
+Every script times the first (compiling) call apart, warms up, then times calls that
+each end in ``block_until_ready``, so the same script gives comparable numbers on
+CPU, GPU and TPU. Two things compared are timed in rounds: each round calls each
+of them once, back to back, in an order that alternates from round to round, so a
+slow spell of a loaded machine hits both alike. From the same rounds come the two
+medians and the ratio (the median over rounds of the per-round ratio), with a 95%
+bootstrap interval over rounds (fixed seed, so a result file is reproducible from
+its samples). A target is "met" only when the whole interval is on its side,
+"missed" when the whole interval is on the other side, and "not resolved" when the
+interval contains it: the noise is then larger than the gap to the target. A control
+(a step against itself) shows how wide the noise alone makes an interval.
 """
 
 from __future__ import annotations
@@ -12,13 +20,17 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+LEVEL = 0.95  # of the bootstrap intervals
+RESAMPLES = 2000
+SEED = 0  # the bootstrap's resampling, fixed: an interval is a function of the samples
 
 
 def environment() -> dict[str, Any]:
@@ -49,30 +61,6 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def time_call(
-    fn: Callable[..., Any], *args: Any, repeats: int = 20, warmup: int = 3
-) -> dict[str, float]:
-    """Times ``fn(*args)``: the first call (compile) apart, then the median of repeats.
-
-    Returns seconds: ``{"first_call_s", "median_s", "min_s"}``.
-    """
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return {
-        "first_call_s": first,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-    }
-
-
 def device_tag() -> str:
     """A file-name-safe ``<backend>-<device>`` tag, e.g. ``cpu-cpu`` or ``gpu-h100``."""
     kind = jax.devices()[0].device_kind.lower()
@@ -90,37 +78,141 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     return path
 
 
+def first_call(fn: Callable[..., Any], *args: Any, warmup: int = 3) -> float:
+    """Seconds of the first (compiling) call of ``fn(*args)``; then ``warmup`` calls."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    seconds = time.perf_counter() - start
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    return seconds
+
+
+def interleaved_times(
+    candidates: dict[str, tuple[Callable[..., Any], tuple]],
+    rounds: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Seconds of one call of each candidate per round, in rounds that interleave them.
+
+    Each round calls every candidate ``fn(*args)`` once, back to back, the order
+    rotating by one from round to round (for two candidates: alternating), so
+    that a slow spell of the machine hits the candidates of a round alike. Returns
+    ``{name: [seconds of round 0, round 1, ...]}``; entry ``i`` of two candidates
+    come from the same round. ``clock`` may be ``time.process_time`` (CPU time).
+    """
+    names = list(candidates)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn, args = candidates[name]
+            start = clock()
+            jax.block_until_ready(fn(*args))
+            times[name].append(clock() - start)
+    return times
+
+
+def bootstrap_interval(
+    samples: Sequence[float],
+    statistic: Callable[..., Any] = np.median,
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> list[float]:
+    """The percentile bootstrap interval of ``statistic`` over ``samples``.
+
+    ``resamples`` resamplings with replacement, from a generator of fixed ``seed``:
+    the same samples always give the same interval. One sample gives ``[x, x]``.
+    """
+    values = np.asarray(samples, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(values), size=(resamples, len(values)))
+    estimates = statistic(values[picks], axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(estimates, [tail, 1 - tail])
+    return [float(low), float(high)]
+
+
+def compare(base_s: Sequence[float], s: Sequence[float]) -> dict[str, Any]:
+    """``s`` against ``base_s``, two lists of seconds from the same rounds.
+
+    Returns the number of ``rounds``; the ``ratio`` (the median over rounds of
+    ``s / base_s``) and its bootstrap ``ratio_interval``; the two medians,
+    ``median_s`` and ``base_median_s``, over the same rounds; the median
+    ``difference_s`` and its ``difference_interval_s``.
+    """
+    if len(base_s) != len(s) or not s:
+        raise ValueError(
+            f"two equal, non-empty lists of rounds, got {len(base_s)}, {len(s)}"
+        )
+    ratios = [b / a for a, b in zip(base_s, s, strict=True)]
+    differences = [b - a for a, b in zip(base_s, s, strict=True)]
+    return {
+        "rounds": len(s),
+        "ratio": statistics.median(ratios),
+        "ratio_interval": bootstrap_interval(ratios),
+        "median_s": statistics.median(s),
+        "base_median_s": statistics.median(base_s),
+        "difference_s": statistics.median(differences),
+        "difference_interval_s": bootstrap_interval(differences),
+    }
+
+
 def paired_ratio(
     base_fn: Callable[..., Any],
     base_args: tuple,
     fn: Callable[..., Any],
     args: tuple,
     pairs: int,
-) -> dict[str, float]:
-    """Median over back-to-back pairs of (time of fn) / (time of base_fn).
+) -> dict[str, Any]:
+    """``fn`` against ``base_fn`` over ``pairs`` back-to-back pairs of calls.
 
-    Each pair runs both calls one after the other, in alternating order, so that a
-    slow spell of a loaded machine hits both sides of a pair alike; the median of
-    the pair ratios is far steadier than a ratio of two separate medians.
+    The pairs alternate their order (``interleaved_times``); the result is
+    ``compare``'s: the median ratio and its interval, and both medians from the
+    same pairs (not from separate runs, whose medians a load change can move
+    apart).
     """
-    ratios, differences = [], []
-    for i in range(pairs):
-        order = [(base_fn, base_args), (fn, args)]
-        if i % 2:
-            order.reverse()
-        seconds = []
-        for f, a in order:
-            start = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            seconds.append(time.perf_counter() - start)
-        if i % 2:
-            seconds.reverse()
-        ratios.append(seconds[1] / seconds[0])
-        differences.append(seconds[1] - seconds[0])
-    return {
-        "ratio": statistics.median(ratios),
-        "difference_s": statistics.median(differences),
-    }
+    times = interleaved_times({"base": (base_fn, base_args), "fn": (fn, args)}, pairs)
+    return compare(times["base"], times["fn"])
+
+
+def verdict(interval: Sequence[float], target: float, at_least: bool = False) -> str:
+    """ "met", "missed" or "not resolved": where the whole interval lies.
+
+    For an upper bound (a ratio that must not exceed ``target``), "met" when the
+    interval's upper end is under it, "missed" when its lower end is over it, and
+    "not resolved" when the interval contains it. ``at_least`` for a lower bound.
+    """
+    low, high = interval
+    if at_least:
+        low, high, target = -high, -low, -target
+    if high < target:
+        return "met"
+    if low > target:
+        return "missed"
+    return "not resolved"
+
+
+def with_interval(value: float, interval: Sequence[float], digits: int = 3) -> str:
+    """``0.988 [0.975, 1.003]``: a value and its interval, for a table cell."""
+    low, high = interval
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def verdict_cell(word: str) -> str:
+    """A verdict as a table shows it: a missed target in bold."""
+    return "**missed**" if word == "missed" else word
+
+
+def interval_note(rounds: int) -> str:
+    """The line under a table that says how its ratios and verdicts are made."""
+    return (
+        f"Ratios: median over {rounds} interleaved pairs [{LEVEL:.0%} bootstrap "
+        "interval over the pairs]; medians from the same pairs. A target is met when "
+        "the whole interval is under it, missed when it is all over it, not resolved "
+        "when it contains it."
+    )
 
 
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+ = ", re.M)

@@ -15,9 +15,13 @@ each, replicated to both).
 Every process runs with one XLA thread (one core each), the CPU collectives go over
 gloo through the loopback interface, and the steps are timed as in ``_common``
 (first call apart, median of repeats). Each configuration is a fresh set of
-processes; the rounds alternate 1 and 2 processes so that a loaded spell of the
-machine hits both. On a machine with fewer free cores than processes, the two
-processes share cores and the efficiency says so.
+processes; each round measures 1 and 2 processes back to back, in an order that
+alternates from round to round, so that a loaded spell of the machine hits both.
+The efficiency is the median over rounds of each round's efficiency, with a 95%
+bootstrap interval over the rounds (``_common``; with few rounds it is wide, and
+says so), and the two throughputs are medians over the same rounds. On a machine
+with fewer free cores than processes, the two processes share cores and the
+efficiency says so.
 
 Run ``python benchmarks/data_parallel.py`` (``--quick`` for a smoke run).
 """
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write_result
+from _common import bootstrap_interval, environment, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -192,11 +196,11 @@ def measure(step: str, processes: int, quick: bool) -> dict[str, Any]:
 
 
 def main(quick: bool = False) -> dict[str, Any]:
-    rounds = 1 if quick else 2
+    rounds = 1 if quick else 3
     results: dict[str, Any] = {}
     table = [
         "| step | params | batch/process | 1 process (ex/s) | 2 processes (ex/s) "
-        "| scaling efficiency | all-reduce of the gradients |",
+        "| scaling efficiency [95%] | all-reduce of the gradients |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for step in STEPS:
@@ -207,12 +211,18 @@ def main(quick: bool = False) -> dict[str, Any]:
         one = statistics.median(x["examples_per_s"] for x in runs[1])
         two = statistics.median(x["examples_per_s"] for x in runs[2])
         reduce_s = statistics.median(x["all_reduce_s"] for x in runs[2])
-        efficiency = two / (2 * one)
+        per_round = [
+            b["examples_per_s"] / (2 * a["examples_per_s"])
+            for a, b in zip(runs[1], runs[2], strict=True)
+        ]
+        efficiency = statistics.median(per_round)
+        interval = bootstrap_interval(per_round)
         last = runs[2][-1]
         results[step] = {
             "one_process_examples_per_s": one,
             "two_processes_examples_per_s": two,
             "scaling_efficiency": efficiency,
+            "scaling_efficiency_interval": interval,
             "all_reduce_s": reduce_s,
             "all_reduce_mb": last["all_reduce_mb"],
             "parameters": last["parameters"],
@@ -222,7 +232,8 @@ def main(quick: bool = False) -> dict[str, Any]:
         table.append(
             f"| {step} | {last['parameters'] / 1e6:.2f}M | "
             f"{last['batch_per_process']} | {one:.1f} | {two:.1f} | "
-            f"{100 * efficiency:.0f}% | {1e3 * reduce_s:.2f} ms "
+            f"{100 * efficiency:.0f}% [{100 * interval[0]:.0f}%, "
+            f"{100 * interval[1]:.0f}%] | {1e3 * reduce_s:.2f} ms "
             f"({last['all_reduce_mb']:.1f} MB) |"
         )
     env = environment()
@@ -232,6 +243,11 @@ def main(quick: bool = False) -> dict[str, Any]:
         f"{env['optax']}, flax {env['flax']}"
     )
     print("\n".join(table))
+    print(
+        f"\nMedians over {rounds} round{'s' * (rounds != 1)} of 1 and 2 processes, "
+        "back to back; the efficiency's 95% bootstrap interval is over the rounds "
+        "(one round gives none)."
+    )
     result = {"quick": quick, "rounds": rounds, **results}
     write_result("data_parallel" + ("-quick" if quick else ""), result)
     return result

@@ -23,10 +23,13 @@ only, at the small shapes):
   and shapes, as a ratio, when torch is installed (the optional ``bench`` extra).
 
 Run ``python benchmarks/label_smoothing.py`` (``--quick`` for a smoke run on small
-shapes). The candidates of one shape and mode are timed in interleaved rounds, and
-the median of the rounds' medians is reported, so that a load change on a shared
-machine hits them alike. On an accelerator each timed call is ``CALLS`` calls
-dispatched back to back and waited for once, so that dispatch does not count.
+shapes). The candidates of one shape and mode are timed in interleaved rounds (each
+round calls each once, back to back, in a rotating order), so that a load change on
+a shared machine hits them alike; the medians and the ratios come from the same
+rounds, each ratio with a 95% bootstrap interval over the rounds, and a target is
+met only when the whole interval is on its side (``_common.verdict``). On an
+accelerator each timed call is ``CALLS`` calls dispatched back to back and waited
+for once, so that dispatch does not count.
 """
 
 from __future__ import annotations
@@ -45,7 +48,17 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, time_call, write_result
+from _common import (
+    bootstrap_interval,
+    compare,
+    environment,
+    first_call,
+    interleaved_times,
+    verdict,
+    verdict_cell,
+    with_interval,
+    write_result,
+)
 
 import optax_warmup as ow
 
@@ -148,16 +161,6 @@ def temp_bytes(fn: Callable, *args: Any) -> int:
     return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-def cpu_time(fn: Callable[[], Any], repeats: int) -> float:
-    """Median process CPU time of ``repeats`` calls (all threads; warm)."""
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        jax.block_until_ready(fn())
-        times.append(time.process_time() - start)
-    return statistics.median(times)
-
-
 def back_to_back(fn: Callable[[], Any], calls: int) -> Callable[[], Any]:
     """``calls`` calls of ``fn`` dispatched back to back; returns the last result."""
     if calls == 1:
@@ -175,37 +178,37 @@ def back_to_back(fn: Callable[[], Any], calls: int) -> Callable[[], Any]:
 def interleaved(
     candidates: dict[str, Callable[[], Any]],
     rounds: int,
-    repeats: int,
     calls: int = 1,
     cpu: bool = True,
-) -> dict[str, dict[str, float]]:
-    """Times each candidate in ``rounds`` interleaved rounds; median of medians.
+) -> dict[str, dict[str, Any]]:
+    """Times the candidates in ``rounds`` interleaved rounds (``_common``).
 
-    Wall-clock time comes from ``_common.time_call``, per call of the candidate
-    (each timed call runs it ``calls`` times back to back). On CPU the process CPU
-    time of the same calls is kept beside it (``cpu``), as it is steadier on a
-    machine shared with other work (it still counts a thread that spins while it
-    waits).
+    Per candidate: the first call apart, then the wall-clock seconds of each round
+    (``rounds_s``, per call of the candidate: each timed call runs it ``calls``
+    times back to back) and their median. On CPU the process CPU time of as many
+    more rounds is kept beside it (``cpu``: ``cpu_rounds_s`` and ``cpu_s``), as it
+    is steadier on a machine shared with other work (it still counts a thread that
+    spins while it waits).
     """
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            timed = back_to_back(fn, calls)
-            timing = time_call(timed, repeats=repeats, warmup=1)
-            timing["median_s"] /= calls
-            timing["min_s"] /= calls
-            if cpu:
-                timing["cpu_s"] = cpu_time(timed, repeats) / calls
-            runs[name].append(timing)
-    result = {}
-    for name, timings in runs.items():
+    timed = {name: (back_to_back(fn, calls), ()) for name, fn in candidates.items()}
+    first = {name: first_call(fn, warmup=1) for name, (fn, _) in timed.items()}
+    wall = interleaved_times(timed, rounds)
+    result: dict[str, dict[str, Any]] = {}
+    for name, seconds in wall.items():
+        per_call = [t / calls for t in seconds]
         result[name] = {
-            "first_call_s": timings[0]["first_call_s"],
-            "median_s": statistics.median(t["median_s"] for t in timings),
-            "min_s": min(t["min_s"] for t in timings),
+            "first_call_s": first[name],
+            "rounds_s": per_call,
+            "median_s": statistics.median(per_call),
+            "min_s": min(per_call),
         }
-        if cpu:
-            result[name]["cpu_s"] = statistics.median(t["cpu_s"] for t in timings)
+    if cpu:
+        for name, seconds in interleaved_times(
+            timed, rounds, time.process_time
+        ).items():
+            per_call = [t / calls for t in seconds]
+            result[name]["cpu_rounds_s"] = per_call
+            result[name]["cpu_s"] = statistics.median(per_call)
     return result
 
 
@@ -228,7 +231,7 @@ def device_copy(logits: jax.Array) -> Callable[[], jax.Array]:
 
 
 def bench_shape(
-    batch: int, num_classes: int, dtype: str, rounds: int, repeats: int, run: dict
+    batch: int, num_classes: int, dtype: str, rounds: int, run: dict
 ) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     logits32 = 3 * rng.standard_normal((batch, num_classes), np.float32)
@@ -236,14 +239,14 @@ def bench_shape(
     del logits32
     labels = jnp.asarray(rng.integers(0, num_classes, size=batch, dtype=np.int32))
     logits_bytes = logits.size * logits.dtype.itemsize
-    timing = dict(rounds=rounds, repeats=repeats, calls=run["calls"], cpu=run["cpu"])
+    timing = dict(rounds=rounds, calls=run["calls"], cpu=run["cpu"])
 
     # The floor: the copy bandwidth, one read plus one write of the logits' bytes,
     # from the faster of a device-to-device copy and an in-place negation (donated,
     # so that a CPU does not fault in fresh pages on every call).
     copies = interleaved(
         {"device_copy": device_copy(logits), "in_place": in_place_negation(logits)},
-        **timing,
+        **(timing | {"cpu": False}),
     )
     copy_s = min(c["median_s"] for c in copies.values())
     bandwidth = 2 * logits_bytes / copy_s  # bytes per second
@@ -280,40 +283,72 @@ def bench_shape(
         if torch_fns:
             candidates["torch"] = torch_fns[mode]
         times = interleaved(candidates, **timing)
-        t = {name: v["median_s"] for name, v in times.items()}
-        entry: dict[str, Any] = {
-            "temp_bytes": memory,
-            "times": times,
-            "floor_s": floors[mode],
-            "memory_vs_one_hot": memory["ours"] / memory["one_hot"],
-            "time_vs_one_hot": t["ours"] / t["one_hot"],
-            "time_vs_integer": t["ours"] / t["integer"],
-            "time_vs_floor": t["ours"] / floors[mode],
-            "bandwidth_fraction": floors[mode] / t["ours"],
-        }
-        if mode == "forward":
-            # What the unsmoothed loss must do too (logsumexp), and what smoothing
-            # adds at most (one more read of the logits), against its time.
-            entry["logsumexp_vs_integer"] = t["floor_logsumexp"] / t["integer"]
-            entry["one_read_vs_integer"] = t["floor_row_sum"] / t["integer"]
-        if run["cpu"]:
-            cpu = {name: v["cpu_s"] for name, v in times.items()}
-            entry["cpu_vs_one_hot"] = cpu["ours"] / cpu["one_hot"]
-            entry["cpu_vs_integer"] = cpu["ours"] / cpu["integer"]
-            if "torch" in cpu:
-                entry["cpu_vs_torch"] = cpu["ours"] / cpu["torch"]
-        if "torch" in t:
-            entry["time_vs_torch"] = t["ours"] / t["torch"]
-        entry["targets_met"] = {
-            key: bool(entry[key] <= bound) for key, bound in run["targets"].items()
-        } | {key: bool(entry[key] >= bound) for key, bound in run["at_least"].items()}
-        result[mode] = entry
+        result[mode] = compare_losses(times, memory, floors[mode], run)
         del jitted, candidates
     return result
 
 
+def compare_losses(
+    times: dict[str, dict[str, Any]],
+    memory: dict[str, int],
+    floor_s: float,
+    run: dict[str, Any],
+) -> dict[str, Any]:
+    """The ratios of one shape and mode, each from the same rounds, with intervals.
+
+    ``ratios`` holds ``compare``'s result for each ratio of times (``time_vs_*``,
+    and ``cpu_vs_*`` on CPU); the bandwidth fraction, floor / time, gets its
+    interval over the rounds of ours; the memory ratio is exact. ``verdicts`` says,
+    per target, "met", "missed" or "not resolved".
+    """
+    rounds = {name: v["rounds_s"] for name, v in times.items()}
+    pairs = {"time_vs_one_hot": "one_hot", "time_vs_integer": "integer"}
+    if "torch" in rounds:
+        pairs["time_vs_torch"] = "torch"
+    if "floor_logsumexp" in rounds:  # the forward pass: what it cannot avoid
+        pairs["logsumexp_vs_integer"] = "integer"
+        pairs["one_read_vs_integer"] = "integer"
+    ours = {
+        "logsumexp_vs_integer": "floor_logsumexp",
+        "one_read_vs_integer": "floor_row_sum",
+    }
+    ratios = {
+        key: compare(rounds[base], rounds[ours.get(key, "ours")])
+        for key, base in pairs.items()
+    }
+    if run["cpu"]:
+        cpu = {name: v["cpu_rounds_s"] for name, v in times.items()}
+        for key, base in (("one_hot", "one_hot"), ("integer", "integer")):
+            ratios[f"cpu_vs_{key}"] = compare(cpu[base], cpu["ours"])
+        if "torch" in cpu:
+            ratios["cpu_vs_torch"] = compare(cpu["torch"], cpu["ours"])
+    fractions = [floor_s / t for t in rounds["ours"]]
+    entry: dict[str, Any] = {
+        "temp_bytes": memory,
+        "times": times,
+        "floor_s": floor_s,
+        "ratios": ratios,
+        "memory_vs_one_hot": memory["ours"] / memory["one_hot"],
+        "bandwidth_fraction": statistics.median(fractions),
+        "bandwidth_fraction_interval": bootstrap_interval(fractions),
+        "time_vs_floor": times["ours"]["median_s"] / floor_s,
+    }
+    for key, c in ratios.items():
+        entry[key] = c["ratio"]
+    intervals = {key: c["ratio_interval"] for key, c in ratios.items()}
+    intervals["memory_vs_one_hot"] = [entry["memory_vs_one_hot"]] * 2  # exact
+    intervals["bandwidth_fraction"] = entry["bandwidth_fraction_interval"]
+    entry["verdicts"] = {
+        key: verdict(intervals[key], bound) for key, bound in run["targets"].items()
+    } | {
+        key: verdict(intervals[key], bound, at_least=True)
+        for key, bound in run["at_least"].items()
+    }
+    return entry
+
+
 def main(quick: bool = False) -> dict[str, Any]:
-    rounds, repeats = (2, 3) if quick else (3, 3)
+    rounds = 4 if quick else 15
     env = environment()
     run = plan(quick, env["backend"])
     run["cpu"] = env["backend"] == "cpu"
@@ -331,11 +366,10 @@ def main(quick: bool = False) -> dict[str, Any]:
     for dtype in run["dtypes"]:
         for batch, num_classes in run["shapes"]:
             print(f"benchmarking ({batch}, {num_classes}) {dtype} ...", flush=True)
-            results.append(bench_shape(batch, num_classes, dtype, rounds, repeats, run))
+            results.append(bench_shape(batch, num_classes, dtype, rounds, run))
     result = {
         "quick": quick,
         "rounds": rounds,
-        "repeats": repeats,
         "calls_per_timing": run["calls"],
         "dtypes": run["dtypes"],
         "targets": run["targets"],
@@ -358,17 +392,36 @@ def _mib(n: int) -> str:
 
 
 def _ratio(entry: dict[str, Any], key: str) -> str:
-    return f"{entry[key]:.2f}" if key in entry else "–"
+    """``0.25 [0.24, 0.26]``: a ratio and its interval, or – where there is none."""
+    if key not in entry.get("ratios", {}):
+        return "–"
+    c = entry["ratios"][key]
+    return with_interval(c["ratio"], c["ratio_interval"], digits=2)
+
+
+def _verdicts(entry: dict[str, Any]) -> str:
+    """The verdict of each target of the row, named: ``memory met, one-hot met``."""
+    names = {
+        "memory_vs_one_hot": "memory",
+        "time_vs_one_hot": "vs one-hot",
+        "time_vs_integer": "vs integer",
+        "bandwidth_fraction": "bandwidth",
+    }
+    return ", ".join(
+        f"{names.get(key, key)} {verdict_cell(word)}"
+        for key, word in entry["verdicts"].items()
+    )
 
 
 def print_table(result: dict[str, Any]) -> None:
     """The Markdown tables for the docs: medians, ratios, memory; the forward floor."""
     print(
         "\n| (B, K) | dtype | pass | ours ms | one-hot ms | integer ms | torch ms "
-        "| ours / one-hot | ours / integer | % of copy bandwidth | ours / torch "
-        "| CPU-time ratios (one-hot, integer, torch) | temp MiB ours / one-hot |"
+        "| ours / one-hot [95%] | ours / integer [95%] | % of copy bandwidth [95%] "
+        "| ours / torch [95%] | CPU-time ratios (one-hot, integer, torch) "
+        "| temp MiB ours / one-hot | targets |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for res in result["results"]:
         shape = f"({res['shape'][0]}, {res['shape'][1]})"
         for mode, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd")):
@@ -377,27 +430,36 @@ def print_table(result: dict[str, Any]) -> None:
             torch_ms = _ms(t["torch"]) if "torch" in t else "–"
             mem = e["temp_bytes"]
             cpu = ", ".join(
-                _ratio(e, key)
+                f"{e['ratios'][key]['ratio']:.2f}" if key in e["ratios"] else "–"
                 for key in ("cpu_vs_one_hot", "cpu_vs_integer", "cpu_vs_torch")
             )
+            low, high = (100 * x for x in e["bandwidth_fraction_interval"])
+            bandwidth = f"{100 * e['bandwidth_fraction']:.0f} [{low:.0f}, {high:.0f}]"
             print(
                 f"| {shape} | {res['dtype']} | {label} | {_ms(t['ours'])} "
                 f"| {_ms(t['one_hot'])} | {_ms(t['integer'])} | {torch_ms} "
-                f"| {e['time_vs_one_hot']:.2f} | {e['time_vs_integer']:.2f} "
-                f"| {100 * e['bandwidth_fraction']:.0f} | {_ratio(e, 'time_vs_torch')} "
-                f"| {cpu} | {_mib(mem['ours'])} / {_mib(mem['one_hot'])} |"
+                f"| {_ratio(e, 'time_vs_one_hot')} | {_ratio(e, 'time_vs_integer')} "
+                f"| {bandwidth} | {_ratio(e, 'time_vs_torch')} "
+                f"| {cpu} | {_mib(mem['ours'])} / {_mib(mem['one_hot'])} "
+                f"| {_verdicts(e)} |"
             )
     print(
-        "\n| (B, K) | dtype | forward: ours / integer | logsumexp alone / integer "
-        "| one more read (row sum) / integer |"
+        f"\nMedians and ratios over {result['rounds']} interleaved rounds, each ratio "
+        "with its 95% bootstrap interval over the rounds. A target is met when the "
+        "whole interval is on its side, missed when it is all on the other, not "
+        "resolved when it contains it."
+    )
+    print(
+        "\n| (B, K) | dtype | forward: ours / integer [95%] "
+        "| logsumexp alone / integer [95%] | one more read (row sum) / integer [95%] |"
     )
     print("|---|---|---:|---:|---:|")
     for res in result["results"]:
         e = res["forward"]
         print(
             f"| ({res['shape'][0]}, {res['shape'][1]}) | {res['dtype']} "
-            f"| {e['time_vs_integer']:.2f} | {e['logsumexp_vs_integer']:.2f} "
-            f"| {e['one_read_vs_integer']:.2f} |"
+            f"| {_ratio(e, 'time_vs_integer')} | {_ratio(e, 'logsumexp_vs_integer')} "
+            f"| {_ratio(e, 'one_read_vs_integer')} |"
         )
 
 

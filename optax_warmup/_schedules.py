@@ -284,17 +284,23 @@ def goyal_schedule(
     """Goyal et al.'s ImageNet schedule, per iteration.
 
     With ``peak = base_lr * batch_size / base_batch_size`` (the linear scaling rule),
-    ``W = warmup_epochs * steps_per_epoch`` (rounded to a step) and
-    ``M_i = milestones[i] * steps_per_epoch``, step ``t`` gives:
+    ``start = min(base_lr, peak)``, ``W = warmup_epochs * steps_per_epoch`` (rounded
+    to a step) and ``M_i = milestones[i] * steps_per_epoch``, step ``t`` gives:
 
-    1) warmup, ``t < W``: ``"gradual"``: ``base_lr + (peak - base_lr) * t / W``;
-       ``"constant"``: ``base_lr``; ``"none"``: no warmup (``W = 0``);
+    1) warmup, ``t < W``: ``"gradual"``: ``start + (peak - start) * t / W``;
+       ``"constant"``: ``start``; ``"none"``: no warmup (``W = 0``);
     2) after: ``peak * decay_factor ** #{i : t >= M_i}``, at absolute epochs
        (``step_decay_schedule(peak, M, decay_factor)``).
 
     Step 0 gives ``base_lr`` (``peak`` with ``"none"``), step ``W`` gives ``peak``, and
     the first step of epoch 30 gives ``peak * 0.1``. The count is the optimizer's:
     under ``optax.MultiSteps`` a step is one optimizer update, not one micro-batch.
+
+    Goyal et al.'s warmup is for k = batch_size / base_batch_size >= 1, up from
+    ``base_lr``. For a batch below ``base_batch_size`` (k < 1) there is nothing to
+    warm up to: the warmup starts at ``min(base_lr, peak) = peak``, so every step
+    before the first milestone runs at the linearly scaled rate (a warmup from
+    ``base_lr`` down to it would run the first steps at 1/k times that rate).
 
     Args:
       batch_size: the global minibatch size kn (> 0).
@@ -339,10 +345,15 @@ def goyal_schedule(
     decayed = step_decay_schedule(
         peak, [m * steps_per_epoch for m in milestones], decay_factor
     )
+    start = (
+        jnp.minimum(base_lr, peak)
+        if is_traced(base_lr) or is_traced(peak)
+        else min(float(np.asarray(base_lr)), float(np.asarray(peak)))
+    )
     return warmup_schedule(
         decayed,
         round(warmup_end * steps_per_epoch),
-        init_value=base_lr,
+        init_value=start,
         shape="constant" if warmup == "constant" else "linear",
         time="absolute",
     )

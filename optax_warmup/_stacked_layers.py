@@ -54,8 +54,15 @@ def check_stacked(stacked: Any) -> list[tuple[re.Pattern[str], int]]:
     return rules
 
 
-def layer_axes(leaves: Sequence[tuple[str, Any]], stacked: Stacked | None) -> list[int]:
+def layer_axes(
+    leaves: Sequence[tuple[str, Any]],
+    stacked: Stacked | None,
+    paths: Sequence[str] | None = None,
+) -> list[int]:
     """For each (path, leaf), the number of its leading axes that count layers.
+
+    A pattern must match one of ``paths`` (default: the leaves' own paths; the whole
+    tree's, ``whole_tree_paths``, inside a branch of ``optax.multi_transform``).
 
     Raises:
       TypeError: ``stacked`` is not a mapping of strings to integers.
@@ -84,9 +91,10 @@ def layer_axes(leaves: Sequence[tuple[str, Any]], stacked: Stacked | None) -> li
                 f"{leaf_shape(leaf)}"
             )
         counts.append(n)
+    if paths is None:
+        paths = [path for path, _ in leaves]
     for regex, _ in rules:
-        if regex.pattern not in used:
-            paths = [path for path, _ in leaves]
+        if regex.pattern not in used and not any(regex.search(p) for p in paths):
             raise ValueError(
                 f"stacked pattern {regex.pattern!r} matches no parameter path "
                 f"(paths look like {paths[:3]!r})"

@@ -7,6 +7,7 @@ that the most recent update used anywhere in a nested optax state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -59,8 +60,14 @@ def keep_update_dtype(
 class RateTraceState(NamedTuple):
     """State of ``scale_and_trace``."""
 
-    trace: optax.Updates  # u: the velocity, learning rate included.
+    trace: optax.Updates  # u: the velocity, learning rate included (None: m = 0).
     learning_rate: jax.Array  # float32 scalar: the rate of the most recent update.
+
+
+def at_least_float32(value: ArrayLike) -> jax.Array:
+    """``value`` as an array of a float dtype of at least 32 bits (an int 1 is 1.0)."""
+    value = jnp.asarray(value)
+    return value.astype(jnp.promote_types(value.dtype, jnp.float32))
 
 
 def scale_and_trace(
@@ -77,15 +84,22 @@ def scale_and_trace(
     remark 2): when the rate changes, the velocity is rescaled with it, so a ×0.1
     milestone shrinks the very next update tenfold. ``c = 1`` at the first update
     and wherever the previous rate was 0. Nesterov's update is ``m·c·u_new − η·g``.
+    The rate is taken in at least float32 (an integer rate 1 is 1.0). A momentum of
+    0 given as a number keeps no velocity (``trace`` is None): the update is
+    ``−η·g``.
     """
+    no_trace = isinstance(momentum, int | float) and momentum == 0
 
     def init_fn(params: optax.Params) -> RateTraceState:
-        trace = jax.tree.map(jnp.zeros_like, params)
+        trace = None if no_trace else jax.tree.map(jnp.zeros_like, params)
         return RateTraceState(trace, jnp.zeros([], jnp.float32))
 
     def update_fn(updates, state, params=None):
         del params
-        lr = jnp.asarray(learning_rate)
+        lr = at_least_float32(learning_rate)
+        if no_trace:
+            scaled = jax.tree.map(lambda g: g * -lr, updates)
+            return scaled, RateTraceState(None, lr.astype(jnp.float32))
         decay = momentum
         if momentum_correction:
             previous = state.learning_rate
@@ -200,11 +214,68 @@ def scale_by_warmup(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-# The states that current_lr reads: where inject_hyperparams keeps the rate, and the
-# factors that scale_by_warmup and the plateau transformations multiply it by.
-_INJECTED = (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)
-_SCALES = (PlateauAfterWarmupState, optax.contrib.ReduceLROnPlateauState)
-_READ = (*_INJECTED, AdaScaleState, ScaleByWarmupState, *_SCALES)
+class RateReading(NamedTuple):
+    """What one optimizer state says about the rate of the most recent update."""
+
+    rate: Any = None  # the learning rate itself; a state holds at most one
+    factor: Any = None  # a factor that the rate was multiplied by
+    inner: str | None = None  # the field that holds the states below it to read
+    unreadable: str | None = None  # why it scales the rate by a factor not kept
+
+
+def _injected(state: Any) -> RateReading:
+    return RateReading(rate=state.hyperparams.get("learning_rate"), inner="inner_state")
+
+
+_SCHEDULE_NOT_KEPT = (
+    "its state keeps only a count, not the schedule, so the factor of the most "
+    "recent update cannot be read back. Use ow.scale_by_warmup(schedule), which "
+    "keeps the factor it used, or optax.inject_hyperparams to keep the rate in the "
+    "state; or pass current_lr the sub-state without it"
+)
+
+# How current_lr reads each state type it knows: one entry per type, found by
+# isinstance anywhere in the state. A state with a ``rate`` holds the rate that
+# everything below it uses (the fields it names in ``inner`` are still searched,
+# for factors); one with a ``factor`` multiplies the rate; an ``unreadable`` one
+# scales the rate by a factor that the state does not keep, and is refused. Every
+# other node is looked through (chain, MultiSteps, masked, nnx's wrappers).
+RATE_READERS: dict[type, Callable[[Any], RateReading]] = {
+    optax.InjectStatefulHyperparamsState: _injected,
+    optax.InjectHyperparamsState: _injected,
+    ScaleByWarmupState: lambda s: RateReading(factor=s.factor),
+    PlateauAfterWarmupState: lambda s: RateReading(factor=s.scale),
+    optax.contrib.ReduceLROnPlateauState: lambda s: RateReading(factor=s.scale),
+    optax.ScaleByBacktrackingLinesearchState: (
+        lambda s: RateReading(factor=s.learning_rate)
+    ),
+    optax.ScaleByZoomLinesearchState: lambda s: RateReading(factor=s.learning_rate),
+    optax.ScaleByScheduleState: (lambda s: RateReading(unreadable=_SCHEDULE_NOT_KEPT)),
+    # AdaScale's rate r·η(τ) is the one its inner optimizer ran with: not searched.
+    AdaScaleState: lambda s: RateReading(rate=s.learning_rate),
+}
+
+
+def _type_name(state: Any) -> str:
+    """``optax.ScaleByScheduleState``: the package and the name users know it by."""
+    return f"{type(state).__module__.split('.')[0]}.{type(state).__qualname__}"
+
+
+def _read(opt_state: Any, prefix: str = "") -> list[tuple[str, Any, RateReading]]:
+    """(path, state, reading) of every state of ``RATE_READERS`` in ``opt_state``."""
+    known = tuple(RATE_READERS)
+    found = []
+    for path, node in flatten(opt_state, is_leaf=lambda x: isinstance(x, known))[0]:
+        if not isinstance(node, known):
+            continue
+        path = f"{prefix}/{path}" if prefix and path else prefix or path
+        reader = next(f for t, f in RATE_READERS.items() if isinstance(node, t))
+        reading = reader(node)
+        found.append((path, node, reading))
+        if reading.inner is not None:
+            inner_path = f"{path}/{reading.inner}" if path else reading.inner
+            found += _read(getattr(node, reading.inner), inner_path)
+    return found
 
 
 def current_lr(opt_state: Any) -> jax.Array:
@@ -215,12 +286,28 @@ def current_lr(opt_state: Any) -> jax.Array:
     ``OptArray`` wrappers, a ``TrainState`` or an ``nnx.Optimizer`` itself) for the
     state in which ``optax.inject_hyperparams`` keeps its hyperparameters, where
     every recipe of this library writes its rate, and reads its
-    ``learning_rate``; then multiplies in the factor of each ``scale_by_warmup``
-    and the scale of each ``reduce_on_plateau_after`` (or optax's
-    ``contrib.reduce_on_plateau``) found. States are found by their type, not by
-    key: ``optax.tree.get(state, "learning_rate")`` raises "Found multiple values"
-    on such a state, since the schedule's own state is also keyed
-    ``learning_rate``.
+    ``learning_rate``; then multiplies in every factor it can read: that of each
+    ``scale_by_warmup``, the scale of each ``reduce_on_plateau_after`` (or optax's
+    ``contrib.reduce_on_plateau``) and the step size of optax's line searches.
+    Inside ``ow.adascale`` it reads AdaScale's own rate ``r·η(τ)``. The
+    rate is returned in at least float32 (an integer rate 2 reads 2.0). States are
+    found by their type, not by key: ``optax.tree.get(state, "learning_rate")``
+    raises "Found multiple values" on such a state, since the schedule's own state
+    is also keyed ``learning_rate``.
+
+    A state that scales the rate by a factor it does not keep is refused rather
+    than read as a plausible wrong rate: ``optax.scale_by_schedule`` (and
+    ``optax.sgd(schedule)`` without ``inject_hyperparams``) keeps only a count.
+    Chain ``ow.scale_by_warmup(schedule)`` instead, which keeps its factor.
+
+    Chain order matters, and ``current_lr`` does not see it: it multiplies in every
+    factor wherever it sits. A factor chained after the optimizer
+    (``optax.chain(optax.adam(η), ow.scale_by_warmup(W))``) scales the step, and
+    the product is the step's rate; one chained before Adam's normalisation
+    (``optax.chain(ow.scale_by_warmup(W), optax.adam(η))``) scales the gradient,
+    which Adam divides out again (up to ``eps``): it has no effect on the step,
+    while ``current_lr`` still multiplies it in. Before plain SGD the two orders
+    are the same.
 
     Edge cases: right after ``init`` it is the rate the first update will use; under
     ``optax.MultiSteps`` it changes only on the micro-batch that applies an update.
@@ -230,12 +317,14 @@ def current_lr(opt_state: Any) -> jax.Array:
       opt_state: an optax state, or an object with an ``opt_state`` attribute.
 
     Returns:
-      The learning rate, a scalar array (float32 for ``goyal_sgd``).
+      The learning rate, a scalar array of a float dtype of at least 32 bits.
 
     Raises:
       ValueError: the state holds no injected learning rate (build the optimizer
         with ``optax.inject_hyperparams``, as ``goyal_sgd`` does), or more than one
-        (the message lists where; pass the sub-state you mean).
+        (the message lists where; pass the sub-state you mean), or a state that
+        scales the rate by a factor it does not keep (the message names its type
+        and where it is, and what to use instead).
 
     Example:
       >>> import jax.numpy as jnp
@@ -254,18 +343,14 @@ def current_lr(opt_state: Any) -> jax.Array:
     """
     if not isinstance(opt_state, tuple) and hasattr(opt_state, "opt_state"):
         opt_state = opt_state.opt_state
-    leaves, _ = flatten(opt_state, is_leaf=lambda x: isinstance(x, _READ))
-    rates, factors = [], []
-    for path, leaf in leaves:
-        if isinstance(leaf, _INJECTED):
-            if "learning_rate" in leaf.hyperparams:
-                rates.append((path, unwrap(leaf.hyperparams["learning_rate"])))
-        elif isinstance(leaf, AdaScaleState):  # its rate includes the inner one's
-            rates.append((path, unwrap(leaf.learning_rate)))
-        elif isinstance(leaf, ScaleByWarmupState):
-            factors.append(unwrap(leaf.factor))
-        elif isinstance(leaf, _SCALES):
-            factors.append(unwrap(leaf.scale))
+    readings = _read(opt_state)
+    for path, state, reading in readings:
+        if reading.unreadable is not None:
+            raise ValueError(
+                f"current_lr cannot read the factor of {_type_name(state)} at "
+                f"{path!r}: {reading.unreadable}"
+            )
+    rates = [(path, r.rate) for path, _, r in readings if r.rate is not None]
     if not rates:
         raise ValueError(
             "current_lr found no learning rate in opt_state: build the optimizer "
@@ -278,7 +363,8 @@ def current_lr(opt_state: Any) -> jax.Array:
             f"current_lr found {len(rates)} learning rates in opt_state, at {where}; "
             "pass the sub-state of the one you mean"
         )
-    lr = jnp.asarray(rates[0][1])
-    for factor in factors:
-        lr = lr * jnp.asarray(factor, lr.dtype)
+    lr = at_least_float32(unwrap(rates[0][1]))
+    for _, _, reading in readings:
+        if reading.factor is not None:
+            lr = lr * jnp.asarray(unwrap(reading.factor), lr.dtype)
     return lr

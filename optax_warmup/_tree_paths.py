@@ -3,7 +3,9 @@
 ``nnx.Optimizer`` hands optax ``nnx.Variable``-wrapped leaves at ``init`` and plain
 arrays at ``update``; linen may box leaves in ``AxisMetadata``. Both name the same
 parameter, so a path here is the '/'-joined keys without the wrapper's ``.value``,
-and a leaf is the array inside the wrapper.
+and a leaf is the array inside the wrapper. Inside ``optax.masked`` (and so in each
+branch of ``optax.multi_transform``) the leaves masked out are ``optax.MaskedNode``:
+no leaves, but their paths are still the whole tree's.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import optax
 from flax import nnx
 from flax.core import meta
 
@@ -69,3 +72,14 @@ def flatten(
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf)
     return [(path_str(p), unwrap(x)) for p, x in leaves], treedef
+
+
+def whole_tree_paths(tree: Any) -> list[str]:
+    """The paths of every leaf, and of every ``optax.MaskedNode`` that stands for one.
+
+    In a branch of ``optax.multi_transform`` these are the paths of the whole
+    parameter tree (a label tree given as a prefix hides the paths below it), so a
+    pattern can be checked against them rather than against the branch's leaves.
+    """
+    leaves, _ = flatten(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    return [path for path, _ in leaves]

@@ -16,8 +16,8 @@ import optax
 from jax.typing import ArrayLike
 
 from optax_warmup._stacked_layers import Stacked, layer_axes
-from optax_warmup._tree_paths import flatten
-from optax_warmup._weight_decay import MaskOrFn, resolve_mask
+from optax_warmup._tree_paths import flatten, whole_tree_paths
+from optax_warmup._weight_decay import MaskOrFn, resolve_mask, with_stacked
 
 
 def _trust_ratio(
@@ -48,7 +48,10 @@ def scale_by_trust_ratio(
     The ratio is 1 where ``‖w‖`` or ``‖u‖`` is 0 (as in optax), and leaves outside
     ``mask`` are returned unchanged. The mask and ``stacked`` are resolved against
     the params at every update, so ``nnx.Optimizer``'s wrapped and plain trees agree.
+    A mask function that takes a ``stacked`` keyword (``decay_mask`` or a
+    ``functools.partial`` of it) is given ``stacked``, as ``decay_report`` does.
     """
+    mask = with_stacked(mask, stacked)
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         if params is None:
@@ -58,7 +61,8 @@ def scale_by_trust_ratio(
         # one): whether it is scaled, and how many of its axes stack layers. They
         # are prefixes of updates and params, so nnx's wrappers pass through.
         flags = resolve_mask(mask, params)
-        axes = jax.tree_util.tree_unflatten(treedef, layer_axes(leaves, stacked))
+        counts = layer_axes(leaves, stacked, whole_tree_paths(params))
+        axes = jax.tree_util.tree_unflatten(treedef, counts)
 
         def scale(flag: bool, layers: int, update: Any, param: Any) -> Any:
             if not flag:

@@ -10,6 +10,7 @@ tree optax hands it, so the ``Param``-wrapped tree that ``nnx.Optimizer`` gives 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -21,7 +22,7 @@ import optax
 
 from optax_warmup._stacked_layers import Stacked, describe_shape, layer_axes, leaf_shape
 from optax_warmup._transforms import keep_update_dtype
-from optax_warmup._tree_paths import flatten
+from optax_warmup._tree_paths import flatten, whole_tree_paths
 from optax_warmup._validation import check_real, is_traced
 
 MaskOrFn = Any | Callable[[optax.Params], Any]
@@ -59,7 +60,9 @@ def _decisions(
     exclude_res = _compile("exclude", exclude)
     include_res = _compile("include", include)
     leaves, treedef = flatten(params)
-    paths = [path for path, _ in leaves]
+    # Patterns are checked against the whole tree: in a branch of multi_transform
+    # the other branches' leaves are MaskedNodes, which still have their paths.
+    paths = whole_tree_paths(params)
     for name, regexes in (("exclude", exclude_res), ("include", include_res)):
         for regex in regexes:
             if not any(regex.search(path) for path in paths):
@@ -68,7 +71,8 @@ def _decisions(
                     f"(paths look like {paths[:3]!r})"
                 )
     rows = []
-    for (path, leaf), layers in zip(leaves, layer_axes(leaves, stacked), strict=True):
+    axes = layer_axes(leaves, stacked, paths)
+    for (path, leaf), layers in zip(leaves, axes, strict=True):
         rank = len(leaf_shape(leaf)) - layers
         if path.rsplit("/", 1)[-1] in NO_DECAY_NAMES:  # 1) name
             decayed, why = False, "bias or norm"
@@ -143,10 +147,18 @@ def decay_mask(
     Returns:
       A tree of Python bools, ``True`` where weight decay applies.
 
+    Inside ``optax.multi_transform`` (or ``optax.masked``) each branch is given the
+    whole tree with the other branches' leaves masked out; a pattern is checked
+    against the paths of that whole tree, so one ``partial(ow.decay_mask,
+    exclude=...)`` serves every branch. (A label tree given as a prefix, such as
+    ``{"backbone": "sgd", "head": "adam"}``, hides the paths below its labels from
+    the other branches: give a label per leaf, or a function of the params.)
+
     Raises:
-      ValueError: a pattern is not a valid regular expression, or matches no leaf
-        (a typo must not silently decay everything), or ``stacked`` gives a leaf
-        more stacked axes than it has; the message names it.
+      ValueError: a pattern is not a valid regular expression, or matches no path
+        of the whole tree (a typo must not silently decay everything), or
+        ``stacked`` gives a leaf more stacked axes than it has; the message names
+        it.
 
     Example:
       >>> import jax.numpy as jnp
@@ -234,18 +246,48 @@ def resolve_mask(mask: MaskOrFn | None, params: optax.Params) -> Any:
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
+def with_stacked(mask: MaskOrFn | None, stacked: Stacked | None) -> MaskOrFn | None:
+    """``mask`` with ``stacked`` given to it, when it is a function that takes it.
+
+    The one place where the recipes, their trust ratios and ``decay_report`` decide
+    what mask they apply, so that they never disagree: ``decay_mask``, a
+    ``functools.partial`` of it and a function of one's own with a ``stacked``
+    keyword get ``stacked``; a partial that binds its own ``stacked`` keeps it; a
+    tree of bools, None and a function without the keyword are returned as given.
+    """
+    if not stacked or not callable(mask):
+        return mask
+    if isinstance(mask, functools.partial) and "stacked" in mask.keywords:
+        return mask
+    try:
+        parameter = inspect.signature(mask).parameters.get("stacked")
+    except (TypeError, ValueError):  # a callable without a signature
+        return mask
+    if parameter is None or parameter.kind not in (
+        inspect.Parameter.KEYWORD_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        return mask
+    fn: Callable[..., Any] = mask
+    return functools.partial(fn, stacked=stacked)
+
+
 def _report_rows(
     params: optax.Params, mask: MaskOrFn | None, stacked: Stacked | None
 ) -> list[tuple[str, Any, int, bool, str]]:
     """The rows of ``decay_report``: the rule that decided, where it is known."""
-    if mask is None:
-        return _decisions(params, stacked=stacked)[0]
-    if isinstance(mask, functools.partial) and mask.func is decay_mask:
-        keywords = {"stacked": stacked, **mask.keywords}
-        return _decisions(params, **keywords)[0]
+    mask = with_stacked(mask, stacked)
+    if mask is decay_mask:
+        return _decisions(params)[0]
+    if (
+        isinstance(mask, functools.partial)
+        and mask.func is decay_mask
+        and not mask.args
+    ):
+        return _decisions(params, **mask.keywords)[0]
     leaves, _ = flatten(params)
     flags = [flag for _, flag in flatten(resolve_mask(mask, params))[0]]
-    axes = layer_axes(leaves, stacked)
+    axes = layer_axes(leaves, stacked, whole_tree_paths(params))
     return [
         (path, leaf, n, flag, "mask")
         for (path, leaf), n, flag in zip(leaves, axes, flags, strict=True)
@@ -254,7 +296,7 @@ def _report_rows(
 
 def decay_report(
     params: optax.Params,
-    mask: MaskOrFn | None = None,
+    mask: MaskOrFn | None = decay_mask,
     *,
     stacked: Stacked | None = None,
 ) -> str:
@@ -266,14 +308,21 @@ def decay_report(
     ``mask`` for a mask of your own); then the totals of leaves and of parameters
     (elements), decayed and not.
 
+    Give it the ``mask`` and ``stacked`` that the optimizer gets, and it shows what
+    the optimizer does: the recipes pass ``stacked`` to their mask the same way (to
+    ``decay_mask``, to a ``functools.partial`` of it and to any mask function with
+    a ``stacked`` keyword).
+
     Args:
       params: a tree of arrays or of ``jax.ShapeDtypeStruct`` (from
         ``jax.eval_shape``), possibly of ``nnx.Variable``.
-      mask: what ``masked_weight_decay`` would get: a function of ``params`` (such
-        as ``functools.partial(ow.decay_mask, exclude=...)``), a tree of bools, or
-        None for ``decay_mask``.
-      stacked: the stacked layers, as for ``decay_mask`` (a ``partial`` of
-        ``decay_mask`` with its own ``stacked`` takes precedence).
+      mask: what ``masked_weight_decay`` would get: ``decay_mask`` (the default), a
+        function of ``params`` (such as ``functools.partial(ow.decay_mask,
+        exclude=...)``), a tree of bools, or None for every leaf (as in
+        ``masked_weight_decay``, the recipes and optax).
+      stacked: the stacked layers, as for ``decay_mask``; passed to ``mask`` when it
+        takes a ``stacked`` keyword (a ``partial`` of ``decay_mask`` with its own
+        ``stacked`` keeps it).
 
     Returns:
       The table as a string: ``print(ow.decay_report(params))``.

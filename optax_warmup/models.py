@@ -23,7 +23,10 @@ References:
 
 from __future__ import annotations
 
+import inspect
+import textwrap
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -220,29 +223,57 @@ class ResNet(nnx.Module):
         return self.fc(x)
 
 
-def ResNet18(
-    *,
-    num_classes: int = 1000,
-    in_features: int = 3,
-    widths: Sequence[int] = (64, 128, 256, 512),
-    spatial_dims: int = 2,
-    small_input: bool = False,
-    zero_init_residual: bool = True,
-    batch_norm_group_size: int | None = None,
-    batch_norm_momentum: float = 0.9,
-    batch_norm_epsilon: float = 1e-5,
-    dtype: DTypeLike | None = None,
-    param_dtype: DTypeLike = jnp.float32,
-    rngs: nnx.Rngs,
-) -> ResNet:
-    """ResNet-18: ``ResNet((2, 2, 2, 2), block=BasicBlock)``.
+# The parameter counts of torchvision's ResNets (1000 classes, 3 input channels),
+# which ours equal (tests/test_models.py counts them); and the convolutions on the
+# residual branch of each block, which give a variant's depth.
+_TORCHVISION_PARAMETERS = {
+    18: 11_689_512,
+    34: 21_797_672,
+    50: 25_557_032,
+    101: 44_549_160,
+}
+_CONVS_PER_BLOCK = {BasicBlock: 2, Bottleneck: 3}
 
-    11,689,512 parameters at 1000 classes and 3 input channels, as in torchvision.
 
-    The other keyword arguments (``in_features``, ``widths``, ``spatial_dims``,
-    ``small_input``, ``zero_init_residual``, ``batch_norm_group_size``,
-    ``batch_norm_momentum``, ``batch_norm_epsilon``, ``dtype``, ``param_dtype``) are
-    those of ``ResNet``, with the same defaults.
+def _variant(resnet: partial[ResNet]) -> partial[ResNet]:
+    """Names and documents ``partial(ResNet, stage_sizes, block=block)``.
+
+    The partial keeps ``ResNet``'s signature less the two arguments it fixes, every
+    argument keyword-only (what ``inspect.signature`` and the API reference show),
+    and gets the name and the docstring of its variant, ``ResNet50`` for a depth of
+    50 (one conv for the stem, the branch's convs of every block, one FC).
+    """
+    (stage_sizes,), block = resnet.args, resnet.keywords["block"]
+    depth = 2 + _CONVS_PER_BLOCK[block] * sum(stage_sizes)
+    fixed = {"self", "stage_sizes", "block"}
+    parameters = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(ResNet.__init__).parameters.values()
+        if p.name not in fixed
+    ]
+    first = ("num_classes", "in_features")  # in the order users know them
+    parameters.sort(key=lambda p: first.index(p.name) if p.name in first else 2)
+    others = ", ".join(f"``{p.name}``" for p in parameters[1:-1])
+    partial_note = textwrap.fill(
+        "A ``functools.partial`` of ``ResNet``, as flax's examples write their "
+        f"variants: the other keyword arguments ({others}) are those of "
+        "``ResNet``, with the same defaults.",
+        width=80,
+        initial_indent="    ",
+        subsequent_indent="    ",
+    )
+    resnet.__name__ = resnet.__qualname__ = f"ResNet{depth}"  # type: ignore[attr-defined]
+    resnet.__module__ = __name__
+    resnet.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        parameters, return_annotation="ResNet"
+    )
+    call = f"ResNet, {stage_sizes}, block={block.__name__}"
+    count = _TORCHVISION_PARAMETERS[depth]
+    resnet.__doc__ = f"""ResNet-{depth}: ``partial({call})``.
+
+    {count:,} parameters at 1000 classes and 3 input channels, as in torchvision.
+
+{partial_note}
 
     Args:
       num_classes: the number of outputs (default 1000).
@@ -251,169 +282,13 @@ def ResNet18(
     Returns:
       The ``ResNet``.
     """
-    return ResNet(
-        (2, 2, 2, 2),
-        block=BasicBlock,
-        widths=widths,
-        num_classes=num_classes,
-        in_features=in_features,
-        spatial_dims=spatial_dims,
-        small_input=small_input,
-        zero_init_residual=zero_init_residual,
-        batch_norm_group_size=batch_norm_group_size,
-        batch_norm_momentum=batch_norm_momentum,
-        batch_norm_epsilon=batch_norm_epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
+    return resnet
 
 
-def ResNet34(
-    *,
-    num_classes: int = 1000,
-    in_features: int = 3,
-    widths: Sequence[int] = (64, 128, 256, 512),
-    spatial_dims: int = 2,
-    small_input: bool = False,
-    zero_init_residual: bool = True,
-    batch_norm_group_size: int | None = None,
-    batch_norm_momentum: float = 0.9,
-    batch_norm_epsilon: float = 1e-5,
-    dtype: DTypeLike | None = None,
-    param_dtype: DTypeLike = jnp.float32,
-    rngs: nnx.Rngs,
-) -> ResNet:
-    """ResNet-34: ``ResNet((3, 4, 6, 3), block=BasicBlock)``.
-
-    21,797,672 parameters at 1000 classes and 3 input channels, as in torchvision.
-
-    The other keyword arguments (``in_features``, ``widths``, ``spatial_dims``,
-    ``small_input``, ``zero_init_residual``, ``batch_norm_group_size``,
-    ``batch_norm_momentum``, ``batch_norm_epsilon``, ``dtype``, ``param_dtype``) are
-    those of ``ResNet``, with the same defaults.
-
-    Args:
-      num_classes: the number of outputs (default 1000).
-      rngs: the ``nnx.Rngs`` used by the initializers.
-
-    Returns:
-      The ``ResNet``.
-    """
-    return ResNet(
-        (3, 4, 6, 3),
-        block=BasicBlock,
-        widths=widths,
-        num_classes=num_classes,
-        in_features=in_features,
-        spatial_dims=spatial_dims,
-        small_input=small_input,
-        zero_init_residual=zero_init_residual,
-        batch_norm_group_size=batch_norm_group_size,
-        batch_norm_momentum=batch_norm_momentum,
-        batch_norm_epsilon=batch_norm_epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
-
-
-def ResNet50(
-    *,
-    num_classes: int = 1000,
-    in_features: int = 3,
-    widths: Sequence[int] = (64, 128, 256, 512),
-    spatial_dims: int = 2,
-    small_input: bool = False,
-    zero_init_residual: bool = True,
-    batch_norm_group_size: int | None = None,
-    batch_norm_momentum: float = 0.9,
-    batch_norm_epsilon: float = 1e-5,
-    dtype: DTypeLike | None = None,
-    param_dtype: DTypeLike = jnp.float32,
-    rngs: nnx.Rngs,
-) -> ResNet:
-    """ResNet-50: ``ResNet((3, 4, 6, 3), block=Bottleneck)``.
-
-    25,557,032 parameters at 1000 classes and 3 input channels, as in torchvision.
-
-    The other keyword arguments (``in_features``, ``widths``, ``spatial_dims``,
-    ``small_input``, ``zero_init_residual``, ``batch_norm_group_size``,
-    ``batch_norm_momentum``, ``batch_norm_epsilon``, ``dtype``, ``param_dtype``) are
-    those of ``ResNet``, with the same defaults.
-
-    Args:
-      num_classes: the number of outputs (default 1000).
-      rngs: the ``nnx.Rngs`` used by the initializers.
-
-    Returns:
-      The ``ResNet``.
-    """
-    return ResNet(
-        (3, 4, 6, 3),
-        block=Bottleneck,
-        widths=widths,
-        num_classes=num_classes,
-        in_features=in_features,
-        spatial_dims=spatial_dims,
-        small_input=small_input,
-        zero_init_residual=zero_init_residual,
-        batch_norm_group_size=batch_norm_group_size,
-        batch_norm_momentum=batch_norm_momentum,
-        batch_norm_epsilon=batch_norm_epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
-
-
-def ResNet101(
-    *,
-    num_classes: int = 1000,
-    in_features: int = 3,
-    widths: Sequence[int] = (64, 128, 256, 512),
-    spatial_dims: int = 2,
-    small_input: bool = False,
-    zero_init_residual: bool = True,
-    batch_norm_group_size: int | None = None,
-    batch_norm_momentum: float = 0.9,
-    batch_norm_epsilon: float = 1e-5,
-    dtype: DTypeLike | None = None,
-    param_dtype: DTypeLike = jnp.float32,
-    rngs: nnx.Rngs,
-) -> ResNet:
-    """ResNet-101: ``ResNet((3, 4, 23, 3), block=Bottleneck)``.
-
-    44,549,160 parameters at 1000 classes and 3 input channels, as in torchvision.
-
-    The other keyword arguments (``in_features``, ``widths``, ``spatial_dims``,
-    ``small_input``, ``zero_init_residual``, ``batch_norm_group_size``,
-    ``batch_norm_momentum``, ``batch_norm_epsilon``, ``dtype``, ``param_dtype``) are
-    those of ``ResNet``, with the same defaults.
-
-    Args:
-      num_classes: the number of outputs (default 1000).
-      rngs: the ``nnx.Rngs`` used by the initializers.
-
-    Returns:
-      The ``ResNet``.
-    """
-    return ResNet(
-        (3, 4, 23, 3),
-        block=Bottleneck,
-        widths=widths,
-        num_classes=num_classes,
-        in_features=in_features,
-        spatial_dims=spatial_dims,
-        small_input=small_input,
-        zero_init_residual=zero_init_residual,
-        batch_norm_group_size=batch_norm_group_size,
-        batch_norm_momentum=batch_norm_momentum,
-        batch_norm_epsilon=batch_norm_epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
+ResNet18 = _variant(partial(ResNet, (2, 2, 2, 2), block=BasicBlock))
+ResNet34 = _variant(partial(ResNet, (3, 4, 6, 3), block=BasicBlock))
+ResNet50 = _variant(partial(ResNet, (3, 4, 6, 3), block=Bottleneck))
+ResNet101 = _variant(partial(ResNet, (3, 4, 23, 3), block=Bottleneck))
 
 
 def SmallResNet1D(

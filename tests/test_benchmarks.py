@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -208,3 +210,227 @@ def test_imagenet_sized_step_is_skipped_on_cpu_unless_quick():
     script = _load_script("goyal_sgd_step")
     skipped = script.imagenet_step(quick=False, backend="cpu")
     assert set(skipped) == {"skipped"} and "ResNet-50" in skipped["skipped"]
+
+
+# _common's statistics: medians and ratios from the same rounds, bootstrap
+# intervals with a fixed seed, and verdicts that a noisy ratio cannot pass.
+
+
+def _load_common():
+    return _load_script("_common")
+
+
+def test_bootstrap_interval_is_reproducible_and_narrows_with_more_rounds():
+    common = _load_common()
+    rng = random.Random(1)
+    few = [1.0 + rng.gauss(0, 0.05) for _ in range(10)]
+    many = [1.0 + rng.gauss(0, 0.05) for _ in range(400)]
+    low, high = common.bootstrap_interval(few)
+    assert common.bootstrap_interval(few) == [low, high]  # fixed seed
+    assert low <= statistics.median(few) <= high
+    low_many, high_many = common.bootstrap_interval(many)
+    assert high_many - low_many < high - low
+    assert common.bootstrap_interval([0.5]) == [0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("interval", "at_least", "word"),
+    [
+        ((0.98, 1.01), False, "met"),
+        ((1.03, 1.10), False, "missed"),
+        ((0.99, 1.04), False, "not resolved"),
+        ((1.00, 1.02), False, "not resolved"),  # touching the target: not under it
+        ((0.65, 0.70), True, "met"),
+        ((0.40, 0.55), True, "missed"),
+        ((0.55, 0.65), True, "not resolved"),
+    ],
+)
+def test_a_target_is_met_only_when_the_whole_interval_is_on_its_side(
+    interval, at_least, word
+):
+    target = 0.6 if at_least else 1.02
+    assert _load_common().verdict(interval, target, at_least=at_least) == word
+
+
+def test_compare_takes_medians_and_ratio_from_the_same_rounds():
+    common = _load_common()
+    base = [1.0, 2.0, 3.0, 10.0]  # a slow spell in round 3 hits both sides
+    ours = [1.1, 2.2, 3.3, 11.0]
+    c = common.compare(base, ours)
+    assert c["rounds"] == 4
+    assert c["ratio"] == pytest.approx(1.1)
+    assert c["ratio_interval"] == pytest.approx([1.1, 1.1])
+    assert c["median_s"] == pytest.approx(2.75) and c["base_median_s"] == 2.5
+    with pytest.raises(ValueError, match="rounds"):
+        common.compare([1.0], [1.0, 2.0])
+
+
+def test_interleaved_times_alternates_the_order_of_a_pair():
+    common = _load_common()
+    calls = []
+    candidates = {
+        "a": (lambda: calls.append("a"), ()),
+        "b": (lambda: calls.append("b"), ()),
+        "c": (lambda: calls.append("c"), ()),
+    }
+    times = common.interleaved_times({k: candidates[k] for k in "ab"}, rounds=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    calls.clear()
+    common.interleaved_times(candidates, rounds=3)
+    assert calls == list("abcbcacab")
+
+
+def _compared(ratio, low, high, ms=10.0):
+    return {
+        "rounds": 6,
+        "ratio": ratio,
+        "ratio_interval": [low, high],
+        "median_s": ms * ratio / 1e3,
+        "base_median_s": ms / 1e3,
+        "difference_s": ms * (ratio - 1) / 1e3,
+        "difference_interval_s": [ms * (low - 1) / 1e3, ms * (high - 1) / 1e3],
+    }
+
+
+def test_recipes_table_shows_intervals_the_control_and_plain_verdicts(capsys):
+    script = _load_script("recipes")
+    compared = {
+        "sgd": _compared(0.99, 0.98, 1.01),
+        "lars": _compared(1.05, 1.03, 1.08),
+        "lamb": _compared(1.01, 0.99, 1.04),
+        "control": _compared(1.00, 0.97, 1.04),
+    }
+    script.print_table(
+        {
+            "model": "tiny",
+            "parameters": 10,
+            "batch_shape": [2, 8, 8, 3],
+            "load_average_1min": [0.1, 0.2],
+            "pairs": 6,
+            "compared_to_optax": compared,
+            "target_ratio": 1.02,
+            "verdict": {"sgd": "met", "lars": "missed", "lamb": "not resolved"},
+            "schedule_hlo_ops": {},
+            "train_step_hlo_ops_compiled": {n: {"ow": 1, "optax": 2} for n in compared},
+        }
+    )
+    rows = {
+        line.split(" | ")[0][2:]: line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ")
+    }
+    assert rows["sgd"].endswith("| 0.990 [0.980, 1.010] | -0.10 | 1 / 2 | met |")
+    assert rows["lars"].endswith("| **missed** |")
+    assert rows["lamb"].endswith("| not resolved |")
+    assert "1.000 [0.970, 1.040]" in rows["control: optax sgd / itself"]
+    # The medians beside the ratio are those of the same pairs.
+    assert "| 9.90 | 10.00 |" in rows["sgd"]
+
+
+def test_goyal_sgd_step_table_marks_the_control_and_the_verdict(capsys):
+    script = _load_script("goyal_sgd_step")
+    names = [script.BASE, "ow.goyal_sgd", "optax chain (join_schedules)"]
+    result = {
+        "model": "ResNet",
+        "parameters": 10,
+        "batch_shape": [2, 8, 8, 3],
+        "load_average_1min": [0.1, 0.2],
+        "pairs": 6,
+        "first_call_s": dict.fromkeys(names, 1.0),
+        "compared_to_sgd_constant": {
+            script.BASE: _compared(1.0, 0.96, 1.05),
+            "ow.goyal_sgd": _compared(1.0, 0.98, 1.03),
+            "optax chain (join_schedules)": _compared(1.01, 0.99, 1.04),
+        },
+        "target_ratio": 1.02,
+        "verdict": "not resolved",
+        "train_step_hlo_ops_added_vs_sgd_constant": dict.fromkeys(names, 0),
+        "schedule_hlo_ops": {},
+        "imagenet_step": {"skipped": "no accelerator"},
+    }
+    script.print_table(result)
+    out = capsys.readouterr().out
+    assert (
+        "| optax.sgd(constant) (control: against itself) | 10.00 | 1.00 "
+        "| 1.000 [0.960, 1.050] |" in out
+    )
+    assert (
+        "| ow.goyal_sgd | 10.00 | 1.00 | 1.000 [0.980, 1.030] | 0.00 | 0 "
+        "| not resolved |" in out
+    )
+    assert "bootstrap interval" in out
+
+
+def test_noise_scale_table_has_the_control_row(capsys):
+    script = _load_script("noise_scale")
+    script.print_table(
+        {
+            "model": "SmallResNet1D",
+            "parameters": 10,
+            "batch": 1024,
+            "groups": 32,
+            "load_average_1min": [0.1, 0.2],
+            "pairs": 6,
+            "compared_to_plain": {
+                "tracked": _compared(1.3, 1.25, 1.36),
+                "control": _compared(1.0, 0.97, 1.02),
+            },
+            "target_ratio": 1.2,
+            "verdict": "missed",
+            "train_step_hlo_ops_compiled": {"plain": 4, "tracked": 5},
+        }
+    )
+    out = capsys.readouterr().out
+    assert (
+        "| noise scale tracked, kn=1024 | 10.00 | 13.00 | 1.300 [1.250, 1.360] "
+        "| 3.00 | 5 / 4 | **missed** |" in out
+    )
+    assert "| control: plain / itself, kn=1024 |" in out
+
+
+def test_label_smoothing_ratios_and_verdicts_come_from_the_same_rounds(capsys):
+    script = _load_script("label_smoothing")
+    rounds = {  # a slow round (the last) hits every candidate alike
+        "ours": [1.0, 1.0, 1.0, 3.0],
+        "one_hot": [4.0, 4.0, 4.0, 12.0],
+        "integer": [1.0, 0.9, 0.95, 3.0],
+    }
+    times = {
+        name: {
+            "first_call_s": 1.0,
+            "rounds_s": r,
+            "median_s": statistics.median(r),
+            "cpu_rounds_s": r,
+            "cpu_s": statistics.median(r),
+        }
+        for name, r in rounds.items()
+    }
+    run = script.plan(quick=False, backend="cpu") | {"cpu": True}
+    memory = {"ours": 1, "one_hot": 100, "integer": 1}
+    entry = script.compare_losses(times, memory, 0.5, run)
+    assert entry["time_vs_one_hot"] == pytest.approx(0.25)
+    assert entry["ratios"]["time_vs_one_hot"]["ratio_interval"] == pytest.approx(
+        [0.25, 0.25]
+    )
+    assert entry["verdicts"] == {
+        "memory_vs_one_hot": "met",
+        "time_vs_one_hot": "met",
+        "time_vs_integer": "not resolved",  # 1, 1.11, 1.05, 1 against ≤ 1.1
+    }
+    script.print_table(
+        {
+            "rounds": 4,
+            "results": [
+                {
+                    "shape": [4, 8],
+                    "dtype": "float32",
+                    "forward": entry,
+                    "forward_backward": entry,
+                }
+            ],
+        }
+    )
+    out = capsys.readouterr().out
+    assert "| 0.25 [0.25, 0.25] |" in out
+    assert "memory met, vs one-hot met, vs integer not resolved |" in out

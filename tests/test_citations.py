@@ -59,7 +59,7 @@ def test_the_files_are_found():
     for name in (
         "README.md",
         "optax_warmup/_recipes.py",
-        "optax_warmup/demo/warmup_report.py",
+        "optax_warmup/demo/warmup.py",
         "docs/experiments/warmup.md",
     ):
         assert name in names

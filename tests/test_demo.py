@@ -24,7 +24,8 @@ import pytest
 
 import optax_warmup as ow
 from optax_warmup.demo import data as demo_data
-from optax_warmup.demo import report, runner, store, warmup_report
+from optax_warmup.demo import flags, report, runner, store
+from optax_warmup.demo import stats as demo_stats
 from optax_warmup.demo import warmup as experiment
 from optax_warmup.demo.__main__ import main
 from optax_warmup.demo.experiment import Run
@@ -522,14 +523,14 @@ def test_bad_num_samples_raise(bad, tmp_path):
 
 
 def test_default_milestones_scale_goyals():
-    assert experiment.default_milestones(90) == (30.0, 60.0, 80.0)
-    assert experiment.default_milestones(30) == (10.0, 20.0, 27.0)
-    assert experiment.default_milestones(45) == (15.0, 30.0, 40.0)
+    assert flags.default_milestones(90) == (30.0, 60.0, 80.0)
+    assert flags.default_milestones(30) == (10.0, 20.0, 27.0)
+    assert flags.default_milestones(45) == (15.0, 30.0, 40.0)
 
 
 def test_final_error_is_the_median_of_the_last_five_epochs():
-    assert report.final_error([0.9, 0.1, 0.5, 0.4, 0.3, 0.2, 0.6]) == 0.4
-    assert report.final_error([0.3, 0.1]) == pytest.approx(0.2)
+    assert demo_stats.final_error([0.9, 0.1, 0.5, 0.4, 0.3, 0.2, 0.6]) == 0.4
+    assert demo_stats.final_error([0.3, 0.1]) == pytest.approx(0.2)
 
 
 def _welch_reference(a, b):
@@ -574,20 +575,20 @@ def _welch_reference(a, b):
 def test_welch_p_value_matches_an_independent_reference(a, b):
     from scipy import stats
 
-    p = report.welch_p_value(a, b)
+    p = demo_stats.welch_p_value(a, b)
     assert p == pytest.approx(_welch_reference(a, b), rel=1e-7, abs=1e-12)
     with warnings.catch_warnings():  # scipy warns about a constant side
         warnings.simplefilter("ignore", RuntimeWarning)
         expected = stats.ttest_ind(a, b, equal_var=False).pvalue
     assert p == pytest.approx(expected, rel=1e-9)
-    assert report.welch_p_value(b, a) == pytest.approx(p, rel=1e-12)  # two-sided
+    assert demo_stats.welch_p_value(b, a) == pytest.approx(p, rel=1e-12)  # two-sided
 
 
 def test_welch_p_value_is_undefined_without_two_values_a_side():
-    assert report.welch_p_value([0.1], [0.2, 0.3]) is None
-    assert report.welch_p_value([0.1, 0.2], [0.3]) is None
-    assert report.welch_p_value([0.1, 0.1], [0.1, 0.1]) is None  # t = 0/0
-    assert report.welch_p_value([0.1, 0.1], [0.2, 0.2]) == 0.0  # |t| = ∞
+    assert demo_stats.welch_p_value([0.1], [0.2, 0.3]) is None
+    assert demo_stats.welch_p_value([0.1, 0.2], [0.3]) is None
+    assert demo_stats.welch_p_value([0.1, 0.1], [0.1, 0.1]) is None  # t = 0/0
+    assert demo_stats.welch_p_value([0.1, 0.1], [0.2, 0.2]) == 0.0  # |t| = ∞
     assert report.p_cell(None) == "–"
 
 
@@ -614,7 +615,7 @@ def test_summary_and_table():
             "gradual_warmup": [0.11, 0.12, 0.13],
         }
     )
-    summary = warmup_report.summarize(runs, exp)
+    summary = experiment.summarize(runs, exp)
     ref, gradual = summary["reference"], summary["gradual_warmup"]
     assert ref["test_error_mean"] == pytest.approx(0.12)
     assert ref["test_error_std"] == pytest.approx(0.02)  # ddof=1
@@ -634,7 +635,7 @@ def test_summary_and_table():
     assert ref["p_value"] is None
     assert gradual["p_value"] == pytest.approx(1.0)  # the same mean
 
-    table = warmup_report.markdown_table(summary).splitlines()
+    table = experiment.markdown_table(summary).splitlines()
     assert len(table) == 2 + 4
     assert "| 12.00 ± 2.00 |" in table[2]
     assert "(1 diverged)" in table[3]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import optax_warmup as ow
-from optax_warmup.demo import batch_size, batch_size_report, training
+from optax_warmup.demo import batch_size, training
 from optax_warmup.demo import data as demo_data
 from optax_warmup.demo.__main__ import main
 
@@ -297,7 +297,7 @@ def _fake_results():
 
 
 def test_breakdown_is_the_first_batch_beyond_two_standard_errors():
-    summary = batch_size_report.summarize(_fake_results(), SETTINGS)
+    summary = batch_size.summarize(_fake_results(), SETTINGS)
     rows, a = summary["rows"], summary["analysis"]
     assert list(rows) == SETTINGS.configs()
     gap = rows["sgd-128"]["gap_vs_reference"]
@@ -322,32 +322,32 @@ def test_breakdown_is_the_first_batch_beyond_two_standard_errors():
 def test_no_breakdown_leaves_the_prediction_unscored():
     runs = [r for r in _fake_results() if r["config"] in ("sgd-32", "sgd-64")]
     settings = dataclasses.replace(SETTINGS, batches=(32, 64), optimizers=("sgd",))
-    a = batch_size_report.summarize(runs, settings)["analysis"]
+    a = batch_size.summarize(runs, settings)["analysis"]
     assert a["breakdown"] == {"sgd": None} and a["critical_batch"] == {"sgd": 64}
     assert a["prediction_over_measured"] is None
     assert "no breakdown up to the largest batch" in "\n".join(
-        batch_size_report.notes({"rows": {}, "analysis": a})
+        batch_size.notes({"rows": {}, "analysis": a})
     )
     a["breakdown"], a["critical_batch"] = {"lars": 1024}, {"lars": None}
     assert "LARS: worse than the reference from its smallest batch, kn=1024" in (
-        "\n".join(batch_size_report.notes({"rows": {}, "analysis": a}))
+        "\n".join(batch_size.notes({"rows": {}, "analysis": a}))
     )
 
 
 def test_steps_to_target_and_training_noise_scale_edges():
     run = _run("sgd-64", 0, 0.3, curve=[0.5, 0.4, 0.3], steps=7)
-    assert batch_size_report.steps_to_target(run, 0.4) == 14
-    assert batch_size_report.steps_to_target(run, 0.29) is None
-    assert batch_size_report.training_noise_scale(run) is None
+    assert batch_size.steps_to_target(run, 0.4) == 14
+    assert batch_size.steps_to_target(run, 0.29) is None
+    assert batch_size.training_noise_scale(run) is None
     run.update(g2=[-1.0, 0.5], trace_sigma=[1.0, 2.0])
-    assert batch_size_report.training_noise_scale(run) is None  # Σ|G|² <= 0
+    assert batch_size.training_noise_scale(run) is None  # Σ|G|² <= 0
     run.update(g2=[float("nan"), 1.0])
-    assert batch_size_report.training_noise_scale(run) is None
+    assert batch_size.training_noise_scale(run) is None
 
 
 def test_table_rows_and_notes():
-    summary = batch_size_report.summarize(_fake_results(), SETTINGS)
-    table = batch_size_report.markdown_table(summary).strip().splitlines()
+    summary = batch_size.summarize(_fake_results(), SETTINGS)
+    table = batch_size.markdown_table(summary).strip().splitlines()
     assert len(table) == 2 + len(SETTINGS.configs())
     assert table[0] == (
         "| batch kn | optimizer | peak rate | test error (%) | Δ vs reference (pp) "
@@ -357,14 +357,14 @@ def test_table_rows_and_notes():
     assert table[4].startswith("| 128 | SGD | 0.4 | 5.70 ± 0.10 | +0.50 ± 0.13 |")
     assert table[5].endswith("| not reached |")
     assert f"| LARS | {SETTINGS.lars_lr:g} |" in table[6]
-    notes = "\n".join(batch_size_report.notes(summary))
+    notes = "\n".join(batch_size.notes(summary))
     assert "SGD: breaks down at kn=128; flat up to kn=64" in notes
     assert "LARS: breaks down at kn=256; flat up to kn=128" in notes
     assert "B_simple ≈ 110 (SGD runs at kn=64), 1.7× the measured" in notes
 
 
 def test_figures_are_drawn_from_fake_runs(tmp_path):
-    paths = batch_size_report.plot(_fake_results(), SETTINGS, tmp_path)
+    paths = batch_size.plot(_fake_results(), SETTINGS, tmp_path)
     assert [p.name for p in paths] == list(FIGURES)
     for path in paths:
         assert path.read_bytes().startswith(PNG_MAGIC)
@@ -444,7 +444,7 @@ def test_help_of_the_experiment_lists_its_flags_and_defaults(capsys):
 
 def test_the_default_command_gives_the_default_settings():
     from optax_warmup.demo.__main__ import parse
-    from optax_warmup.demo.warmup import default_milestones
+    from optax_warmup.demo.flags import default_milestones
 
     _, args, experiment = parse(["--experiment", "batch-size"])
     settings = experiment.settings(args)

@@ -8,8 +8,10 @@ compilations are reused across tests; ResNet-18/50/101 are only built abstractly
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -629,10 +631,16 @@ def test_variants_have_real_signatures(name):
     params = inspect.signature(fn).parameters
     assert "num_classes" in params and "rngs" in params
     assert params["rngs"].default is inspect.Parameter.empty  # required
-    # What help() and "go to definition" show: a def of that name in models.py.
+    # What help() and "go to definition" show: the definition of that name in
+    # models.py, a def, or for the ImageNet variants one line as in flax's examples.
     assert fn.__module__ == "optax_warmup.models"
     assert fn.__qualname__ == name
-    assert inspect.getsource(fn).startswith(f"def {name}(")
+    if name == "SmallResNet1D":
+        assert inspect.getsource(fn).startswith(f"def {name}(")
+    else:
+        assert isinstance(fn, functools.partial) and fn.func is ResNet
+        line = rf"^{name} = _variant\(partial\(ResNet, \(.*\), block=\w+\)\)$"
+        assert re.search(line, inspect.getsource(ow.models), re.M)
     # Every keyword of ResNet but those the variant fixes, with ResNet's defaults.
     resnet = _keywords(ResNet.__init__)
     del resnet["self"]

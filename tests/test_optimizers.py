@@ -502,3 +502,128 @@ def test_plain_optax_reduce_on_plateau_chains_after_a_recipe_under_jit():
         _, state = step(random_grads(params, t), state, value=jnp.float32(1.0))
     # optax cuts at once, at each of the two losses that did not improve.
     np.testing.assert_allclose(ow.current_lr(state), 0.1 * 0.1 * 0.1, rtol=1e-5)
+
+
+# What an optax user meets: the defaults said where the name is, params only when
+# needed, optax's Adam options, no buffer for momentum 0, goyal_sgd's stacked.
+
+
+@pytest.mark.parametrize(
+    ("name", "defaults"),
+    [
+        ("sgd", ["momentum 0.9", "weight decay 1e-4", "optax.sgd: neither"]),
+        ("lars", ["momentum 0.9", "weight decay 1e-4", "optax.lars"]),
+        ("lamb", ["weight decay 0.01", "optax.lamb"]),
+        ("adamw", ["weight decay 1e-4", "optax.adamw"]),
+    ],
+)
+def test_the_first_docstring_line_states_the_defaults(name, defaults):
+    first = getattr(ow, name).__doc__.splitlines()[0]
+    for words in defaults:
+        assert words in first, (name, first)
+    parameters = inspect.signature(getattr(ow, name)).parameters
+    for words in defaults:
+        if words.startswith("momentum"):
+            assert parameters["momentum"].default == float(words.split()[-1])
+        if words.startswith("weight decay"):
+            assert parameters["weight_decay"].default == float(words.split()[-1])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_no_params_needed_without_weight_decay(name):
+    params = make_params()
+    grads = random_grads(params, 0)
+    tx = getattr(ow, name)(0.1, weight_decay=0.0)
+    reference = {"sgd": optax.sgd(0.1, momentum=0.9), "adamw": optax.adam(0.1)}[name]
+    state, ref_state = tx.init(params), reference.init(params)
+    for t in range(3):
+        grads = random_grads(params, t)
+        updates, state = jax.jit(tx.update)(grads, state)
+        ref_updates, ref_state = reference.update(grads, ref_state)
+        chex.assert_trees_all_close(updates, ref_updates, rtol=1e-5, atol=1e-7)
+    # With a decay, or a trust ratio, params are needed, and the error says why.
+    for tx, why in (
+        (getattr(ow, name)(0.1), "weight decay"),
+        (ow.lars(0.1, weight_decay=0.0), "trust ratio"),
+        (ow.lamb(0.1, weight_decay=0.0), "trust ratio"),
+    ):
+        with pytest.raises(ValueError, match=f"needs the params.*{why}"):
+            tx.update(grads, tx.init(params))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_adamw_and_lamb_take_optax_adam_options(nesterov):
+    options = dict(eps_root=1e-8, mu_dtype=jnp.bfloat16)
+    tx = ow.adamw(SCHEDULE, weight_decay=0.1, nesterov=nesterov, **options)
+    reference = optax.adamw(
+        SCHEDULE, weight_decay=0.1, mask=MASK, nesterov=nesterov, **options
+    )
+    assert_same_steps(tx, reference, rtol=1e-5)
+    tx = ow.lamb(SCHEDULE, weight_decay=0.05, **options)
+    reference = optax.chain(
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6, **options),
+        optax.add_decayed_weights(0.05, mask=MASK),
+        optax.masked(optax.scale_by_trust_ratio(), MASK),
+        optax.scale_by_learning_rate(SCHEDULE),
+    )
+    assert_same_steps(tx, reference, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="eps_root"):
+        ow.adamw(0.1, eps_root=-1.0)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_bf16_params_keep_nu_in_bf16_as_optax_does(name):
+    params = make_params(jnp.bfloat16)
+    tx = getattr(ow, name)(1e-3, mu_dtype=jnp.float32)
+    state = tx.init(params)
+    (adam,) = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "nu"))
+        if hasattr(s, "nu")
+    ]
+    assert {m.dtype for m in jax.tree.leaves(adam.mu)} == {jnp.dtype(jnp.float32)}
+    assert {v.dtype for v in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.bfloat16)}
+    # What bf16 does to the second moment: 0.999 · ν rounds back to ν.
+    nu = jnp.asarray(0.5, jnp.bfloat16)
+    assert float(0.999 * nu) == 0.5
+    # With float32 master weights (float32 params), both moments are float32.
+    state = tx.init(make_params(jnp.float32))
+    assert {x.dtype for x in jax.tree.leaves(state)} <= {
+        jnp.dtype(jnp.float32),
+        jnp.dtype(jnp.int32),
+    }
+
+
+def test_momentum_zero_allocates_no_trace():
+    params = make_params()
+    size = sum(p.size for p in jax.tree.leaves(params))
+    for tx in (ow.sgd(0.1, momentum=0.0), ow.lars(0.1, momentum=0.0)):
+        state = tx.init(params)
+        assert sum(x.size for x in jax.tree.leaves(state)) < size
+        updates, _ = tx.update(random_grads(params, 0), state, params)
+        assert jax.tree.structure(updates) == jax.tree.structure(params)
+    assert_same_steps(
+        ow.sgd(SCHEDULE, momentum=0.0, weight_decay=1e-2),
+        optax.chain(
+            optax.masked(optax.add_decayed_weights(1e-2), MASK), optax.sgd(SCHEDULE)
+        ),
+    )
+    assert_same_steps(
+        ow.lars(SCHEDULE, momentum=0.0, weight_decay=1e-2),
+        optax.lars(
+            SCHEDULE,
+            weight_decay=1e-2,
+            weight_decay_mask=MASK,
+            trust_ratio_mask=MASK,
+            momentum=0.0,
+        ),
+    )
+
+
+def test_goyal_sgd_forwards_stacked():
+    params = {"blocks": {"gain": jnp.ones((3, 4)), "kernel": jnp.ones((3, 4, 4))}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    tx = ow.goyal_sgd(256, 10, weight_decay=0.5, stacked={"blocks": 1})
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_array_equal(updates["blocks"]["gain"], 0.0)
+    np.testing.assert_allclose(updates["blocks"]["kernel"], -0.1 * 0.5)

@@ -1,7 +1,9 @@
 """The public surface: one sorted ``__all__``, documented names, no private optax."""
 
+import ast
 import inspect
 import pathlib
+import re
 
 import optax_warmup as ow
 
@@ -35,3 +37,25 @@ def test_version_is_a_string():
 def test_no_private_optax_imports():
     for path in PACKAGE.glob("*.py"):
         assert "optax._src" not in path.read_text(), path.name
+
+
+def test_chex_is_for_tests_only():
+    # pyproject.toml, read without tomllib (Python >= 3.11): the two lists.
+    text = (PACKAGE.parent / "pyproject.toml").read_text()
+    lists = dict(re.findall(r"(?ms)^(dependencies|test) = \[$(.*?)^\]", text))
+    runtime = re.findall(r'"([\w-]+)', lists["dependencies"])
+    assert runtime and "chex" not in runtime
+    assert "chex" in re.findall(r'"([\w-]+)', lists["test"])
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {
+            (node.module or "").split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+        }
+        assert "chex" not in imported, path

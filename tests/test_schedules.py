@@ -401,6 +401,22 @@ def test_goyal_schedule_matches_reference(warmup):
     np.testing.assert_allclose(values(schedule, steps), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("warmup", ["gradual", "constant"])
+def test_goyal_schedule_below_the_base_batch_never_warms_down(warmup):
+    # k = 64 / 256 < 1: the linearly scaled rate 0.025 from the first step on (a
+    # warmup from base_lr = 0.1 down to it would run the first steps at 4x).
+    schedule = ow.goyal_schedule(64, 100, warmup=warmup)
+    steps = [0, 1, 250, 499, 500, 2999, 3000, 6000, 8000]
+    expected = [0.025] * 6 + [0.0025, 0.00025, 0.000025]
+    np.testing.assert_allclose(values(schedule, steps), expected, rtol=1e-6)
+    # At k = 1 the warmup is flat at base_lr; above it, it starts at base_lr.
+    same = ow.goyal_schedule(256, 100, warmup=warmup)
+    np.testing.assert_allclose(values(same, [0, 250, 500]), [0.1] * 3, rtol=1e-6)
+    np.testing.assert_allclose(
+        values(ow.goyal_schedule(512, 100, warmup=warmup), [0]), [0.1], rtol=1e-6
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [

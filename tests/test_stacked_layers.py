@@ -1,5 +1,9 @@
 """Stacked (scanned) layers: the default mask decides every stacked leaf as it
-decides the same layer unstacked, in nnx, linen and for a stack of BatchNorms."""
+decides the same layer unstacked, in nnx, linen and for a stack of BatchNorms; the
+recipes, their trust ratios and decay_report read ``stacked`` alike, however the
+mask is built."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -174,3 +178,83 @@ def test_a_goyal_sgd_step_moves_no_stacked_bias_or_norm_parameter(where):
         np.testing.assert_allclose(
             after[path], before[path] * (1 - 0.1 * 0.1), rtol=1e-6
         )
+
+
+# An adjusted mask (a partial of decay_mask, or a function of one's own that takes
+# ``stacked``) reads the recipe's ``stacked`` as the report does.
+
+GAIN_PARAMS = {
+    "blocks": {
+        "gain": jnp.full((3, 4), 3.0),  # a per-layer gain of one's own: rank 1
+        "fc": {"kernel": jnp.full((3, 4, 4), 3.0)},
+    }
+}
+INCLUDE_KERNEL = functools.partial(ow.decay_mask, include="kernel")
+
+
+def report_says(params, mask, **kwargs):
+    """{path: decayed} as ``decay_report`` prints it."""
+    header, *lines = ow.decay_report(params, mask, **kwargs).splitlines()[:-3]
+    column = header.index("decayed")
+    return {line.split()[0]: line[column:].startswith("yes") for line in lines}
+
+
+def own_mask(params, *, stacked=None):
+    """A mask of one's own that reads ``stacked``: decay_mask without exclusions."""
+    return ow.decay_mask(params, stacked=stacked)
+
+
+@pytest.mark.parametrize("recipe", ["sgd", "lars", "lamb", "adamw"])
+@pytest.mark.parametrize("mask", [INCLUDE_KERNEL, own_mask], ids=["partial", "own"])
+def test_an_adjusted_mask_reads_stacked_as_the_report_does(recipe, mask):
+    make = getattr(ow, recipe)
+    zeros = jax.tree.map(jnp.zeros_like, GAIN_PARAMS)
+    tx = make(1.0, weight_decay=0.5, mask=mask, stacked={"blocks": 1})
+    updates, _ = tx.update(zeros, tx.init(GAIN_PARAMS), GAIN_PARAMS)
+    np.testing.assert_array_equal(updates["blocks"]["gain"], 0.0)  # not decayed
+    assert float(jnp.abs(updates["blocks"]["fc"]["kernel"]).max()) > 0.0  # decayed
+    assert report_says(GAIN_PARAMS, mask, stacked={"blocks": 1}) == {
+        "blocks/fc/kernel": True,
+        "blocks/gain": False,
+    }
+
+
+@pytest.mark.parametrize("recipe", ["lars", "lamb"])
+def test_an_adjusted_mask_keeps_the_trust_ratio_off_a_stacked_gain(recipe):
+    ones = jax.tree.map(jnp.ones_like, GAIN_PARAMS)
+    kwargs = dict(weight_decay=0.0, stacked={"blocks": 1})
+    if recipe == "lars":
+        kwargs.update(momentum=0.0, trust_coefficient=0.5)
+    tx = getattr(ow, recipe)(1.0, mask=INCLUDE_KERNEL, **kwargs)
+    updates, _ = tx.update(ones, tx.init(GAIN_PARAMS), GAIN_PARAMS)
+    # Without a trust ratio the gain takes the plain step at the global rate:
+    # −η·g for LARS, −η·(Adam's first step ≈ sign g) for LAMB. With one, the step
+    # would be scaled by c·‖w‖/‖g‖ (0.5·6/2 = 1.5) or ‖w‖/‖r‖ (6/2 = 3) per layer.
+    np.testing.assert_allclose(updates["blocks"]["gain"], -1.0, rtol=1e-5)
+    kernel = 0.5 * 12 / 4 if recipe == "lars" else 12 / 4
+    np.testing.assert_allclose(updates["blocks"]["fc"]["kernel"], -kernel, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        ow.decay_mask,
+        INCLUDE_KERNEL,
+        functools.partial(ow.decay_mask, exclude="kernel"),
+        functools.partial(ow.decay_mask, stacked={}),  # its own: no stacked layers
+        own_mask,
+        lambda p: jax.tree.map(lambda x: x.ndim == 2, p),
+        {"blocks": {"gain": True, "fc": False}},
+        None,
+    ],
+    ids=["default", "include", "exclude", "own-stacked", "own", "fn", "tree", "none"],
+)
+def test_the_report_and_the_optimizer_never_disagree(mask):
+    zeros = jax.tree.map(jnp.zeros_like, GAIN_PARAMS)
+    tx = ow.sgd(1.0, momentum=0.0, weight_decay=0.5, mask=mask, stacked={"blocks": 1})
+    updates, _ = tx.update(zeros, tx.init(GAIN_PARAMS), GAIN_PARAMS)
+    decayed = {
+        "blocks/gain": bool(jnp.any(updates["blocks"]["gain"] != 0)),
+        "blocks/fc/kernel": bool(jnp.any(updates["blocks"]["fc"]["kernel"] != 0)),
+    }
+    assert report_says(GAIN_PARAMS, mask, stacked={"blocks": 1}) == decayed

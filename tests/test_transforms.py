@@ -2,6 +2,8 @@
 
 import itertools
 import math
+import unittest.mock
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -240,3 +242,93 @@ def test_current_lr_errors():
     )
     with pytest.raises(ValueError, match="2 learning rates"):
         ow.current_lr(two.init({"w": jnp.ones(2), "v": jnp.ones(2)}))
+
+
+def test_current_lr_of_an_integer_rate_is_a_float():
+    # An integer rate (1, 2) gives float updates; current_lr reports the same rate.
+    tx = optax.chain(ow.sgd(1, weight_decay=0, momentum=0.0), ow.scale_by_warmup(4))
+    params = {"w": jnp.zeros(())}
+    state = tx.init(params)
+    rates, steps = [], []
+    for _ in range(3):
+        updates, state = tx.update({"w": jnp.ones(())}, state, params)
+        rates.append(float(ow.current_lr(state)))
+        steps.append(float(updates["w"]))
+    assert steps == [0.0, -0.25, -0.5]
+    assert rates == [0.0, 0.25, 0.5]
+    hyperparams = state[0].hyperparams
+    assert hyperparams["learning_rate"].dtype == jnp.float32
+    assert hyperparams["weight_decay"].dtype == jnp.float32
+    injected = optax.inject_hyperparams(optax.sgd)(learning_rate=2)
+    updates, state = injected.update({"w": jnp.ones(())}, injected.init(params))
+    assert float(updates["w"]) == -2.0
+    lr = ow.current_lr(state)
+    assert lr.dtype == jnp.float32 and float(lr) == 2.0
+    lr = ow.current_lr(optax.chain(injected, ow.scale_by_warmup(4)).init(params))
+    assert lr.dtype == jnp.float32 and float(lr) == 0.0
+
+
+def test_current_lr_multiplies_in_an_optax_linesearch_step():
+    def value_fn(params):
+        return jnp.sum(params["w"] ** 2)
+
+    tx = optax.chain(
+        ow.sgd(1.0, weight_decay=0.0, momentum=0.0),
+        optax.scale_by_backtracking_linesearch(max_backtracking_steps=15),
+    )
+    params = {"w": jnp.full(2, 3.0)}
+    state = tx.init(params)
+    value, grad = jax.value_and_grad(value_fn)(params)
+    updates, state = tx.update(
+        grad, state, params, value=value, grad=grad, value_fn=value_fn
+    )
+    factor = float(state[1].learning_rate)
+    assert factor < 1.0  # the line search shortened the step: 1·(6, 6) overshoots
+    np.testing.assert_allclose(ow.current_lr(state), factor, rtol=1e-6)
+    np.testing.assert_allclose(updates["w"], -factor * grad["w"], rtol=1e-6)
+
+
+def test_current_lr_refuses_a_factor_it_cannot_read():
+    params = {"w": jnp.ones(2)}
+    schedule = optax.linear_schedule(0.0, 1.0, 10)
+    # optax's scale_by_schedule keeps only a count: its factor cannot be read back.
+    tx = optax.chain(ow.sgd(0.1), optax.scale_by_schedule(schedule))
+    state = advance(tx, params, 6)  # the 6th update used 0.1 · 0.5 = 0.05
+    with pytest.raises(
+        ValueError, match=r"ScaleByScheduleState at '1'.*scale_by_warmup"
+    ):
+        ow.current_lr(state)
+    np.testing.assert_allclose(ow.current_lr(state[0]), 0.1)  # the sub-state alone
+    # ow.scale_by_warmup(schedule) keeps the factor it used: read and multiplied in.
+    tx = optax.chain(ow.sgd(0.1), ow.scale_by_warmup(schedule))
+    np.testing.assert_allclose(ow.current_lr(advance(tx, params, 6)), 0.05, rtol=1e-6)
+    # An optax optimizer with a schedule but no inject_hyperparams: the same error.
+    with pytest.raises(ValueError, match=r"ScaleByScheduleState at '\d+'"):
+        ow.current_lr(optax.sgd(schedule).init(params))
+
+
+def test_current_lr_reads_states_registered_in_its_table():
+    from optax_warmup import _transforms
+
+    class Authoritative(NamedTuple):  # a wrapper that sets the rate of all below it
+        learning_rate: jax.Array
+        inner: Any
+
+    class Wrapper(NamedTuple):  # a wrapper to look through
+        inner: Any
+        count: jax.Array
+
+    inner = optax.chain(injected_sgd(0.5), ow.scale_by_warmup(4))
+    inner_state = advance(inner, {"w": jnp.ones(2)}, 3)  # 0.5 · 2/4
+    readers = {
+        Authoritative: lambda s: _transforms.RateReading(rate=s.learning_rate),
+        Wrapper: lambda s: _transforms.RateReading(inner="inner"),
+    }
+    with unittest.mock.patch.dict(_transforms.RATE_READERS, readers):
+        wrapped = Wrapper(inner_state, jnp.zeros([], jnp.int32))
+        np.testing.assert_allclose(ow.current_lr(wrapped), 0.25, rtol=1e-6)
+        state = Authoritative(jnp.asarray(0.7), inner_state)
+        np.testing.assert_allclose(ow.current_lr(state), 0.7, rtol=1e-6)
+        state = optax.chain(optax.clip(1.0), ow.scale_by_warmup(2)).init({})
+        state = (Authoritative(jnp.asarray(0.7), inner_state), *state)
+        np.testing.assert_allclose(ow.current_lr(state), 0.0, rtol=1e-6)

@@ -1,6 +1,7 @@
 """decay_mask, decay_report and masked_weight_decay."""
 
 import functools
+import inspect
 
 import chex
 import jax
@@ -320,3 +321,55 @@ def test_partial_decay_mask_in_chain_under_jit():
     np.testing.assert_array_equal(updates["embed"], 0.0)
     np.testing.assert_array_equal(updates["b"], 0.0)
     np.testing.assert_allclose(updates["w"], -0.5)
+
+
+def test_mask_none_decays_every_leaf_in_the_report_as_in_the_transform():
+    params = linen_params()
+    assert inspect.signature(ow.decay_report).parameters["mask"].default is (
+        ow.decay_mask
+    )
+    assert ow.decay_report(params) == ow.decay_report(params, ow.decay_mask)
+    everything = ow.decay_report(params, None).splitlines()
+    assert everything[-3] == "decayed:     6 leaves, 63 parameters"
+    assert all(line.split()[-2:] == ["yes", "mask"] for line in everything[1:7])
+    grads = jax.tree.map(jnp.zeros_like, params)
+    tx = ow.masked_weight_decay(1.0, mask=None)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert all(
+        bool(jnp.all(u == p))
+        for u, p in zip(*map(jax.tree.leaves, (updates, params)), strict=True)
+    )
+
+
+# Inside optax.multi_transform each branch sees its own leaves; a pattern is checked
+# against the paths of the whole tree.
+
+
+def branches(mask):
+    return optax.multi_transform(
+        {
+            "sgd": optax.chain(ow.masked_weight_decay(0.5, mask), optax.sgd(1.0)),
+            "adamw": ow.adamw(1.0, weight_decay=0.5, mask=mask),
+        },
+        {"conv": {"kernel": "sgd", "bias": "sgd"}, "head": {"kernel": "adamw"}},
+    )
+
+
+def test_a_pattern_is_checked_against_the_whole_tree_in_multi_transform():
+    params = {
+        "conv": {"kernel": jnp.ones((3, 3, 1, 2)), "bias": jnp.ones(2)},
+        "head": {"kernel": jnp.ones((2, 2))},
+    }
+    grads = jax.tree.map(jnp.zeros_like, params)
+    # "conv" matches nothing in the adamw branch, only in the whole tree.
+    tx = branches(functools.partial(ow.decay_mask, exclude="conv"))
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["conv"]["kernel"], 0.0)  # excluded
+    np.testing.assert_array_equal(updates["conv"]["bias"], 0.0)
+    np.testing.assert_allclose(updates["head"]["kernel"], -0.5)  # −η·λ·w
+    tx = branches(functools.partial(ow.decay_mask, exclude="kernel"))
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert not any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
+    # A typo matches nothing in the whole tree: refused at init.
+    with pytest.raises(ValueError, match="'kernal' matches no parameter path"):
+        branches(functools.partial(ow.decay_mask, exclude="kernal")).init(params)

@@ -4,10 +4,15 @@ A client of the public API (``import optax_warmup as ow``); nothing in the libra
 imports it. Importing it has no side effects: those are in ``__main__``.
 
 Modules:
-  ``__main__``: the command line: parse → plan → run → write.
-  ``experiment``: the interface an experiment implements (``Experiment``, ``Run``).
-  ``warmup``: the warmup experiment (Table 1): its configurations, settings,
-    flags and one run; ``warmup_report``: its summary, table and figures.
+  ``__main__``: the command line: parse → plan → run → write; the registry of the
+    experiments (``EXPERIMENTS``).
+  ``experiment``: what an experiment is: ``Experiment``, one definition that names
+    its parts (settings, flags, one run, analysis, report); ``Run``, ``FlagError``.
+  ``warmup``: the warmup experiment (Table 1), whole; ``batch_size``: the
+    batch-size experiment (Figure 1, the noise scale, LARS), whole. Each imports
+    only the shared modules below, never the other.
+  ``flags``: the recipe's flags that every experiment shares and their checks.
+  ``model``: the zero-γ ``SmallResNet1D`` with ghost BatchNorm.
   ``training``: one run of a classifier on one device mesh, per-epoch curves.
   ``runner``: a list of runs on this machine: in this process or one CPU worker
     process per core, with a progress bar.
@@ -16,7 +21,8 @@ Modules:
     settings everywhere, one error stops all), each process's rows of a batch;
     ``launcher``: ``--processes N`` on this machine, and its faults.
   ``store``: ``--out``: each finished run written at once and atomically; resume.
-  ``report``: statistics and table cells shared by the experiments (Goyal's final
-    error, mean ± std, Welch's t-test against the reference).
+  ``stats``: the statistics (Goyal's final error, mean ± std, Welch's t-test
+    against the reference, steps to a target, McCandlish et al.'s critical batch).
+  ``report``: the report's table cells and its figures' frame.
   ``data``: MNIST-1D, generated locally and cached.
 """

@@ -49,8 +49,10 @@ from optax_warmup.demo import (
     warmup,
 )
 from optax_warmup.demo.experiment import Arrays, Experiment, FlagError, Result, Run
+from optax_warmup.demo.flags import flag_name
 
-EXPERIMENTS: dict[str, Experiment] = {
+# Every experiment of --experiment, by name: a new one is its module and a line here.
+EXPERIMENTS: dict[str, Experiment[Any]] = {
     e.name: e for e in (warmup.EXPERIMENT, batch_size.EXPERIMENT)
 }
 DEFAULT_EXPERIMENT = "warmup"
@@ -67,7 +69,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parser(experiment: Experiment) -> argparse.ArgumentParser:
+def parser(experiment: Experiment[Any]) -> argparse.ArgumentParser:
     """The flags shared by every experiment, then ``experiment``'s own."""
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -133,7 +135,7 @@ def parser(experiment: Experiment) -> argparse.ArgumentParser:
 
 def parse(
     argv: Sequence[str] | None,
-) -> tuple[argparse.ArgumentParser, argparse.Namespace, Experiment]:
+) -> tuple[argparse.ArgumentParser, argparse.Namespace, Experiment[Any]]:
     """The chosen experiment's parser and the parsed flags (``--quick`` applied)."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
@@ -151,7 +153,7 @@ def parse(
 class Plan:
     """Everything a command will do, checked before any training."""
 
-    experiment: Experiment
+    experiment: Experiment[Any]
     settings: Any
     seeds: tuple[int, ...]
     runs: tuple[Run, ...]  # all of them, in the order of the report
@@ -178,7 +180,7 @@ def _shown(value: Any) -> str:
 def _mismatch(error: store.SettingsMismatch, args: argparse.Namespace) -> FlagError:
     flags = vars(args)
     listed = ", ".join(
-        ("--" + name.replace("_", "-") if name in flags else name)
+        (flag_name(name) if name in flags else name)
         + f" {_shown(new)} (the runs there have {_shown(old)})"
         for name, old, new in error.differences
     )
@@ -191,7 +193,7 @@ def _mismatch(error: store.SettingsMismatch, args: argparse.Namespace) -> FlagEr
 
 
 def plan(
-    args: argparse.Namespace, experiment: Experiment, *, writer: bool = True
+    args: argparse.Namespace, experiment: Experiment[Any], *, writer: bool = True
 ) -> Plan:
     """Checks every flag against the data and ``--out``; raises ``FlagError``.
 
@@ -325,10 +327,10 @@ def write(
     """Writes the table, the figures and ``results.json``; returns the report."""
     assert plan.run_store is not None, "only process 0 writes"
     experiment, out = plan.experiment, plan.run_store.out
-    summary = experiment.summarize(plan.settings, results)
+    summary = experiment.summarize(results, plan.settings)
     table = experiment.table(summary)
     n_train = len(plan.data["y_train"])
-    figures = experiment.figures(plan.settings, results, n_train, out)
+    figures = experiment.figures(results, plan.settings, out)
     store.write_text(out / "table.md", table)
     report = {
         "command": command,
@@ -375,15 +377,15 @@ def replot(directory: Path) -> dict[str, Any]:
         report = store.read_json(path)
         experiment = EXPERIMENTS[report.get("experiment_name", DEFAULT_EXPERIMENT)]
         settings = experiment.load_settings(report["experiment"])
-        runs, n_train = report["runs"], report["dataset"]["train"]
+        runs = report["runs"]
     except OSError as error:
         raise FlagError("--replot", f"cannot read {path}: {error.strerror}") from None
     except (ValueError, KeyError, TypeError) as error:
         raise FlagError("--replot", f"{path} is not a demo report: {error}") from None
-    summary = experiment.summarize(settings, runs)
+    summary = experiment.summarize(runs, settings)
     table = experiment.table(summary)
     store.write_text(directory / "table.md", table)
-    figures = experiment.figures(settings, runs, n_train, directory)
+    figures = experiment.figures(runs, settings, directory)
     print(table + "\n".join(experiment.notes(summary)))
     print(f"wrote {directory / 'table.md'}, " + ", ".join(map(str, figures)))
     return report
@@ -475,7 +477,10 @@ def _shared_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _launch(
-    args: argparse.Namespace, experiment: Experiment, argv: list[str], processes: int
+    args: argparse.Namespace,
+    experiment: Experiment[Any],
+    argv: list[str],
+    processes: int,
 ) -> dict[str, Any]:
     """``--processes N``: checks the flags once, makes the dataset once, then runs
     the command as N local jax.distributed workers; their report, or ``SystemExit``

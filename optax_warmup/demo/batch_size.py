@@ -1,7 +1,7 @@
 """The batch-size experiment: how large can the batch be? (``--experiment batch-size``)
 
-Goyal et al. 2017's Figure 1, scaled down: the small 1-D ResNet of the warmup
-experiment trained on MNIST-1D at batches kn = n·2^j, from the reference n up to
+Goyal et al. 2017's Figure 1, scaled down: the demo's small 1-D ResNet
+(``model.small_resnet``) trained on MNIST-1D at batches kn = n·2^j, from n up to
 4096, each for the same number of epochs with the linear scaling rule (peak rate
 kη), a gradual warmup and the same ×0.1 decays, BatchNorm statistics over groups of
 n (ghost BatchNorm) in every run. Along each run with kn > n the gradient noise
@@ -12,9 +12,32 @@ batches the same schedule also runs with LARS (You et al. 2017; ``ow.lars``, Bat
 parameters and biases masked from decay and trust ratio), whose peak rate is one
 number, tuned at one batch and kept for the others (You et al. raise it with the batch).
 
-This module holds the runs (configurations, settings, flags, one run);
-``batch_size_report`` the summary (breakdown, predicted critical batch,
-steps to the target error), the table and the figures.
+The report: ``summarize`` turns the runs into one row per configuration (final
+test error mean ± std over seeds, the gap to the reference with its standard error
+and Welch's p, the training-average B_simple, the steps to the target error) and
+the analysis:
+
+- the breakdown of each optimizer: the smallest kn > n whose mean final error
+  exceeds the reference's by more than two standard errors of the gap,
+  ``Δ > 2·√(s²/m + s_ref²/m_ref)`` (with one seed a side the standard error is 0
+  and any excess counts); the measured critical batch is the largest batch below
+  it (Goyal et al.'s stable region, which on ImageNet reaches about 8k, §2.1);
+- the predicted critical batch: B_simple of the SGD runs at the smallest batch
+  above n (the trajectory closest to the reference's), averaged over training as
+  McCandlish et al. do: the ratio of the averages over epochs,
+  ``Σ_e tr Σ_e / Σ_e |G|²_e`` (each epoch's value is the tracker's moving average,
+  which spans about that epoch), then the mean over seeds;
+- the steps to the target error: a run's first epoch whose test error is at or
+  below the target, times its steps per epoch (so resolved to one epoch); a
+  configuration's is the median over seeds (None when most seeds never get there).
+
+``plot`` draws ``error_vs_batch.png`` (their Figure 1 with SGD and LARS, the
+breakdown and the predicted critical batch), ``noise_scale.png`` (B_simple per
+epoch) and ``steps_to_target.png`` (Shallue et al.'s log-log view with the
+perfect-scaling line of slope −1).
+
+This module is the whole experiment, ``EXPERIMENT``: its configurations and
+settings, one run, its flags, the analysis and the report.
 
 References:
   Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
@@ -31,37 +54,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 import optax_warmup as ow
-from optax_warmup.demo import report
-from optax_warmup.demo.data import NUM_CLASSES
-from optax_warmup.demo.distributed import check_groups
+from optax_warmup.demo import flags, report, stats
 from optax_warmup.demo.experiment import (
     Arrays,
+    Experiment,
     FlagError,
     OnEpoch,
     Result,
-    Run,
     Summary,
 )
-from optax_warmup.demo.training import steps_per_epoch, train_classifier
-from optax_warmup.demo.warmup import (
-    _floats,
-    _ints,
-    _shown,
-    add_model_arguments,
-    check_model_arguments,
-    schedule_milestones,
-)
+from optax_warmup.demo.model import small_resnet
+from optax_warmup.demo.training import run_result, steps_per_epoch, train_classifier
 
 OPTIMIZERS = ("sgd", "lars")
 # 30,720 sequences: 24,576 = 6 × 4096 for training (no example dropped at any
@@ -211,12 +224,7 @@ class Settings:
 
     def model(self, seed: int) -> nnx.Module:
         """The zero-γ ``SmallResNet1D`` with ghost BatchNorm over groups of n."""
-        return ow.models.SmallResNet1D(
-            num_classes=NUM_CLASSES,
-            widths=self.widths,
-            batch_norm_group_size=self.small_batch,
-            rngs=nnx.Rngs(seed),
-        )
+        return small_resnet(self.widths, self.small_batch, seed)
 
 
 def _tracker(opt_state: Any) -> Any:
@@ -242,10 +250,11 @@ def train_run(
 ) -> Result:
     """Trains one (configuration, seed) and returns its per-epoch curves.
 
-    Returns the curves of ``training.train_classifier`` (with, for kn > n, the
-    tracker's ``noise_scale``, ``g2`` and ``trace_sigma`` after each epoch), the
-    final errors (``final_test_error``: Goyal's median of the last 5 epochs) and
-    what the run was (``config``, ``optimizer``, ``seed``, ``batch_size``).
+    Returns ``training.run_result``: what the run was (``config``,
+    ``optimizer``, ``seed``, ``batch_size``), the final errors
+    (``final_test_error``: Goyal's median of the last 5 epochs) and the curves of
+    ``training.train_classifier`` (with, for kn > n, the tracker's
+    ``noise_scale``, ``g2`` and ``trace_sigma`` after each epoch).
     """
     optimizer, batch = parse_config(config)
     steps = steps_per_epoch(len(data["y_train"]), batch)
@@ -264,19 +273,9 @@ def train_run(
         step_key=(settings, config, steps),
         noise_scale_group=settings.small_batch if tracked else None,
     )
-    return {
-        "config": config,
-        "optimizer": optimizer,
-        "seed": seed,
-        "batch_size": batch,
-        "steps_per_epoch": curves.pop("steps_per_epoch"),
-        "diverged": curves.pop("diverged"),
-        "final_test_error": report.final_error(curves["test_error"]),
-        "last_test_error": curves["test_error"][-1],
-        "final_train_error": curves["train_error"][-1],
-        "seconds": curves.pop("seconds"),
-        **curves,
-    }
+    return run_result(
+        curves, config=config, optimizer=optimizer, seed=seed, batch_size=batch
+    )
 
 
 # --- the command line -------------------------------------------------------------
@@ -292,29 +291,472 @@ def _optimizers(text: str) -> tuple[str, ...]:
     return names
 
 
-_FLAG_OF = {
-    "base_lr": "--lr",
-    "learning_rate": "--lr",
-    "warmup_epochs": "--warmup-epochs",
-    "milestones": "--milestones",
-    "weight_decay": "--weight-decay",
-    "trust_coefficient": "--trust-coefficient",
-    "momentum": "--momentum",
-}
+# The library's arguments that this experiment's flags set (besides the recipe's).
+_FLAG_OF = {"trust_coefficient": "--trust-coefficient", "momentum": "--momentum"}
+_LARS_FLAG_OF = {**_FLAG_OF, "base_lr": "--lars-lr", "learning_rate": "--lars-lr"}
 
 
-class BatchSizeExperiment:
-    """Goyal's Figure 1, the noise scale and LARS on MNIST-1D: an ``Experiment``."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recipe's flags, then the batches, the optimizers and the target."""
+    d = Settings()
+    parser.set_defaults(samples=DEFAULT_SAMPLES, seeds=DEFAULT_SEEDS)
+    flags.add_recipe_arguments(parser, d)
+    a = parser.add_argument_group("the batch-size experiment").add_argument
+    a(
+        "--batches",
+        type=flags.ints,
+        default=flags.shown(d.batches),
+        help="comma-separated batches kn of the SGD runs, multiples of n; n (the "
+        "reference) among them",
+    )
+    a(
+        "--optimizers",
+        type=_optimizers,
+        default=",".join(d.optimizers),
+        help="which optimizers run: sgd (every batch of --batches), lars (the "
+        "batches of --lars-batches)",
+    )
+    a(
+        "--lars-batches",
+        type=flags.ints,
+        default=flags.shown(d.lars_batches),
+        help="comma-separated batches of the LARS runs, multiples of n",
+    )
+    a(
+        "--lars-lr",
+        type=float,
+        default=d.lars_lr,
+        help="LARS's peak rate, the same at every batch (tuned at kn=1024)",
+    )
+    a(
+        "--trust-coefficient",
+        type=float,
+        default=d.trust_coefficient,
+        help="LARS's trust coefficient c",
+    )
+    a(
+        "--target-error",
+        type=float,
+        default=100 * d.target_error,
+        help="the test error (%%) of the steps-to-target figure",
+    )
 
-    name = "batch-size"
-    description = (
+
+def from_flags(args: argparse.Namespace) -> Settings:
+    """The settings of the parsed flags; ``FlagError`` for a value that cannot
+    work."""
+    milestones = flags.check_recipe_arguments(args)
+    n = args.small_batch
+    for dest in ("batches", "lars_batches"):
+        values, flag = getattr(args, dest), flags.flag_name(dest)
+        bad = [b for b in values if b < n or b % n]
+        if bad:
+            raise FlagError(
+                flag, f"{flags.shown(bad)}: not a multiple of --small-batch {n}"
+            )
+        if len(set(values)) != len(values) or list(values) != sorted(values):
+            raise FlagError(flag, f"{flags.shown(values)} must be strictly increasing")
+    if "sgd" in args.optimizers and n not in args.batches:
+        raise FlagError(
+            "--batches",
+            f"{flags.shown(args.batches)} must include the reference batch "
+            f"--small-batch {n}",
+        )
+    if "sgd" not in args.optimizers:
+        raise FlagError(
+            "--optimizers",
+            f"{','.join(args.optimizers)} must include sgd (the reference)",
+        )
+    if not 0 < args.target_error < 100:
+        raise FlagError(
+            "--target-error",
+            f"must be in (0, 100) percent, got {args.target_error}",
+        )
+    return Settings(
+        **{
+            **flags.settings_fields(args, Settings),
+            "milestones": milestones,
+            "lars_batches": args.lars_batches if "lars" in args.optimizers else (),
+            "target_error": args.target_error / 100,
+        }
+    )
+
+
+def check(settings: Settings, data: Arrays, devices: int) -> None:
+    """``FlagError`` unless every configuration can train on ``data`` over
+    ``devices``, the library's own checks included."""
+    n_train = len(data["y_train"])
+    flags.check_batches(
+        {"--batches": settings.batches, "--lars-batches": settings.lars_batches},
+        settings.small_batch,
+        n_train,
+        devices,
+    )
+    for config in settings.configs():
+        optimizer, batch = parse_config(config)
+        with flags.library_checks(_LARS_FLAG_OF if optimizer == "lars" else _FLAG_OF):
+            settings.optimizer(config, n_train // batch)
+
+
+# --- the analysis and the report --------------------------------------------------
+
+OPTIMIZER_LABELS = {"sgd": "SGD", "lars": "LARS"}
+
+
+def training_noise_scale(run: Result) -> float | None:
+    """A run's B_simple averaged over training: ``Σ tr Σ / Σ |G|²`` over epochs."""
+    g2, trace = run.get("g2"), run.get("trace_sigma")
+    if not g2:
+        return None
+    g2_sum = float(np.sum(np.asarray(g2, np.float64)))
+    trace_sum = float(np.sum(np.asarray(trace, np.float64)))
+    if not np.isfinite(g2_sum / trace_sum) or g2_sum <= 0:
+        return None  # diverged, or |G|² never measured above the noise
+    return trace_sum / g2_sum
+
+
+def steps_to_target(run: Result, target: float) -> int | None:
+    """Steps to the first epoch whose test error is at most ``target``, or None."""
+    for epoch, error in enumerate(run["test_error"], start=1):
+        if error <= target:
+            return epoch * run["steps_per_epoch"]
+    return None
+
+
+def _median_steps(steps: Sequence[int | None]) -> float | None:
+    values = np.asarray([np.inf if s is None else s for s in steps], np.float64)
+    median = float(np.median(values))
+    return median if np.isfinite(median) else None
+
+
+def summarize(results: Sequence[Result], settings: Settings) -> Summary:
+    """``{"rows": per configuration, "analysis": breakdown, prediction, target}``."""
+    rows: dict[str, dict[str, Any]] = {}
+    for config in settings.configs():
+        runs = [r for r in results if r["config"] == config]
+        if not runs:
+            continue
+        optimizer, batch = parse_config(config)
+        errors = [r["final_test_error"] for r in runs]
+        mean, std = stats.mean_std(errors)
+        scales = [training_noise_scale(r) for r in runs]
+        measured = [s for s in scales if s is not None]
+        steps = [steps_to_target(r, settings.target_error) for r in runs]
+        rows[config] = {
+            "optimizer": optimizer,
+            "batch_size": batch,
+            "is_reference": config == settings.reference,
+            "peak_lr": settings.peak_lr(config),
+            "steps_per_epoch": runs[0]["steps_per_epoch"],
+            "test_error_mean": mean,
+            "test_error_std": std,
+            "test_errors": errors,
+            "diverged_runs": sum(r["diverged"] for r in runs),
+            "noise_scale": float(np.mean(measured)) if measured else None,
+            "noise_scales": scales,
+            "steps_to_target": _median_steps(steps),
+            "steps_to_target_per_seed": steps,
+        }
+    reference = rows.get(settings.reference)
+    if reference is not None:
+        for config, row in rows.items():
+            row.update(
+                stats.versus_reference(row["test_errors"], reference["test_errors"])
+            )
+            if config == settings.reference:
+                row["p_value"] = None
+    return {"rows": rows, "analysis": analyze(rows, settings)}
+
+
+def analyze(rows: dict[str, dict[str, Any]], settings: Settings) -> dict[str, Any]:
+    """The breakdown per optimizer, the predicted critical batch and their ratio."""
+    analysis: dict[str, Any] = {
+        "breakdown_rule": "the smallest kn > n whose mean final test error exceeds "
+        "the reference's by more than 2 standard errors of the gap",
+        "target_error": settings.target_error,
+        "breakdown": {},
+        "critical_batch": {},
+    }
+    if settings.reference not in rows:
+        return analysis
+    for optimizer in settings.optimizers:
+        mine = sorted(
+            (r for r in rows.values() if r["optimizer"] == optimizer),
+            key=lambda r: r["batch_size"],
+        )
+        broken = [
+            r["batch_size"]
+            for r in mine
+            if r["batch_size"] > settings.small_batch
+            and r["gap_vs_reference"] > 2 * r["gap_standard_error"]
+        ]
+        first = broken[0] if broken else None
+        below = [
+            r["batch_size"] for r in mine if first is None or r["batch_size"] < first
+        ]
+        analysis["breakdown"][optimizer] = first
+        analysis["critical_batch"][optimizer] = max(below) if below else None
+    tracked = sorted(
+        (r for r in rows.values() if r["optimizer"] == "sgd" and r["noise_scale"]),
+        key=lambda r: r["batch_size"],
+    )
+    predicted = tracked[0]["noise_scale"] if tracked else None
+    analysis["predicted_critical_batch"] = predicted
+    analysis["predicted_from_batch"] = tracked[0]["batch_size"] if tracked else None
+    critical = analysis["critical_batch"].get("sgd")
+    if predicted and critical and analysis["breakdown"].get("sgd") is not None:
+        analysis["prediction_over_measured"] = predicted / critical
+    else:  # no breakdown within the list: the critical batch is only a lower bound
+        analysis["prediction_over_measured"] = None
+    return analysis
+
+
+def markdown_table(summary: Summary) -> str:
+    """One row per (optimizer, batch): errors in percent, B_simple, steps."""
+    header = [
+        "batch kn",
+        "optimizer",
+        "peak rate",
+        "test error (%)",
+        "Δ vs reference (pp)",
+        "p vs reference",
+        "B_simple",
+        "steps to target",
+    ]
+    rows = []
+    for row in summary["rows"].values():
+        gap = (
+            "–"
+            if row["is_reference"]
+            else report.gap_cell(row["gap_vs_reference"], row["gap_standard_error"])
+        )
+        diverged = f" ({row['diverged_runs']} diverged)" if row["diverged_runs"] else ""
+        scale = row["noise_scale"]
+        steps = row["steps_to_target"]
+        rows.append(
+            [
+                str(row["batch_size"]),
+                OPTIMIZER_LABELS[row["optimizer"]] + diverged,
+                f"{row['peak_lr']:.4g}",
+                report.percent_pm(row["test_error_mean"], row["test_error_std"]),
+                gap,
+                report.p_cell(row.get("p_value")),
+                "–" if scale is None else f"{scale:.0f}",
+                "not reached" if steps is None else f"{steps:.0f}",
+            ]
+        )
+    return report.markdown_table(header, rows)
+
+
+def notes(summary: Summary) -> list[str]:
+    """What the columns mean, then the breakdown and the prediction in words."""
+    a = summary["analysis"]
+    p_values = [
+        r.get("p_value") for r in summary["rows"].values() if not r["is_reference"]
+    ]
+    lines = [
+        report.p_value_note(p_values),
+        "B_simple: tr(Σ)/|G|² over the ghost BatchNorm groups, averaged over "
+        "training (ratio of the per-epoch averages), mean over seeds",
+        f"steps to target: steps until the test error first reaches "
+        f"{100 * a['target_error']:g}% (checked after each epoch), median over seeds",
+        "breakdown: " + a["breakdown_rule"],
+    ]
+    for optimizer, batch in a["breakdown"].items():
+        name = OPTIMIZER_LABELS[optimizer]
+        critical = a["critical_batch"].get(optimizer)
+        if batch is None:
+            lines.append(f"{name}: no breakdown up to the largest batch of the list")
+        elif critical is None:
+            lines.append(
+                f"{name}: worse than the reference from its smallest batch, kn={batch}"
+            )
+        else:
+            lines.append(f"{name}: breaks down at kn={batch}; flat up to kn={critical}")
+    predicted = a.get("predicted_critical_batch")
+    if predicted is not None:
+        line = (
+            f"predicted critical batch B_simple ≈ {predicted:.0f} (SGD runs at "
+            f"kn={a['predicted_from_batch']})"
+        )
+        ratio = a.get("prediction_over_measured")
+        if ratio is not None:
+            line += f", {ratio:.2g}× the measured critical batch"
+        lines.append(line)
+    return lines
+
+
+COLORS = {"sgd": "C0", "lars": "C1"}
+MARKERS = {"sgd": "o", "lars": "s"}
+
+
+def _by_batch(rows: Summary, optimizer: str) -> list[dict[str, Any]]:
+    mine = (r for r in rows.values() if r["optimizer"] == optimizer)
+    return sorted(mine, key=lambda r: r["batch_size"])
+
+
+def plot(results: Sequence[Result], settings: Settings, out: Path) -> list[Path]:
+    """Writes error_vs_batch.png, noise_scale.png and steps_to_target.png."""
+    summary = summarize(results, settings)
+    rows, a = summary["rows"], summary["analysis"]
+    paths = [
+        out / "error_vs_batch.png",
+        out / "noise_scale.png",
+        out / "steps_to_target.png",
+    ]
+    predicted = a.get("predicted_critical_batch")
+
+    # 1. Goyal's Figure 1: final test error against the batch.
+    with report.figure(paths[0], figsize=(7, 4.5)) as (_, ax):
+        for optimizer in settings.optimizers:
+            mine = _by_batch(rows, optimizer)
+            if not mine:
+                continue
+            ax.errorbar(
+                [r["batch_size"] for r in mine],
+                [100 * r["test_error_mean"] for r in mine],
+                yerr=[100 * r["test_error_std"] for r in mine],
+                color=COLORS[optimizer],
+                marker=MARKERS[optimizer],
+                capsize=3,
+                label=f"{OPTIMIZER_LABELS[optimizer]} (mean ± std over seeds)",
+            )
+            broken = a["breakdown"].get(optimizer)
+            if broken is not None:
+                ax.axvline(
+                    broken,
+                    color=COLORS[optimizer],
+                    linestyle=":",
+                    label=f"{OPTIMIZER_LABELS[optimizer]} breakdown: kn={broken}",
+                )
+        if settings.reference in rows:
+            ax.axhline(
+                100 * rows[settings.reference]["test_error_mean"],
+                color="0.5",
+                linewidth=0.8,
+                label=f"reference n={settings.small_batch}",
+            )
+        if predicted is not None:
+            ax.axvline(
+                predicted,
+                color="C2",
+                linestyle="--",
+                label=f"predicted critical batch B_simple ≈ {predicted:.0f}",
+            )
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="batch kn (rate kη for SGD, gradual warmup)",
+            ylabel="final test error (%)",
+        )
+        ax.set_xscale("log", base=2)
+        ax.set_title(
+            f"Test error against batch size, {settings.epochs} epochs each "
+            "(Goyal et al. Figure 1)",
+            fontsize=10,
+        )
+        ax.legend(fontsize=8)
+
+    # 2. B_simple per epoch along the runs.
+    with report.figure(paths[1], figsize=(7, 4.5)) as (_, ax):
+        epochs = np.arange(1, settings.epochs + 1)
+        configs = [c for c in rows if settings.tracks_noise_scale(c)]
+        cmap = report.pyplot().get_cmap("viridis")
+        sgd_configs = [c for c in configs if rows[c]["optimizer"] == "sgd"]
+        for config in configs:
+            curves = [
+                report.padded(r["noise_scale"], settings.epochs)
+                for r in results
+                if r["config"] == config and "noise_scale" in r
+            ]
+            if not curves:
+                continue
+            with np.errstate(all="ignore"):
+                values = np.asarray(curves, np.float64)
+                values[values <= 0] = np.nan  # |G|² estimate at or below 0: undefined
+                mean = np.nanmean(values, axis=0) if np.isfinite(values).any() else None
+            if mean is None:
+                continue
+            optimizer, batch = parse_config(config)
+            if optimizer == "sgd":
+                shade = sgd_configs.index(config) / max(len(sgd_configs) - 1, 1)
+                color: Any = cmap(0.9 * shade)
+                linestyle, alpha = "-", 1.0
+            else:
+                color, linestyle, alpha = COLORS["lars"], "--", 0.6
+            ax.plot(
+                epochs,
+                mean,
+                color=color,
+                linestyle=linestyle,
+                alpha=alpha,
+                label=f"{OPTIMIZER_LABELS[optimizer]} kn={batch}",
+            )
+        if predicted is not None:
+            ax.axhline(
+                predicted, color="C2", linestyle=":", label="predicted (average)"
+            )
+        report.mark_epochs(
+            ax, (settings.warmup_epochs, *settings.milestones), grey="0.85"
+        )
+        ax.set(yscale="log", xlabel="epoch", ylabel="B_simple = tr(Σ) / |G|²")
+        ax.set_title(
+            "Gradient noise scale along training (per epoch, mean over seeds); "
+            "dotted: end of warmup, ×0.1 decays",
+            fontsize=9,
+        )
+        ax.legend(fontsize=7, ncol=2)
+
+    # 3. Shallue et al.: steps to the target error against the batch.
+    with report.figure(paths[2], figsize=(7, 4.5)) as (_, ax):
+        for optimizer in settings.optimizers:
+            mine = [
+                r
+                for r in _by_batch(rows, optimizer)
+                if r["steps_to_target"] is not None
+            ]
+            if mine:
+                ax.plot(
+                    [r["batch_size"] for r in mine],
+                    [r["steps_to_target"] for r in mine],
+                    color=COLORS[optimizer],
+                    marker=MARKERS[optimizer],
+                    label=OPTIMIZER_LABELS[optimizer] + " (median over seeds)",
+                )
+        ref = rows.get(settings.reference)
+        if ref is not None and ref["steps_to_target"] is not None:
+            line = np.asarray(sorted({r["batch_size"] for r in rows.values()}), float)
+            ax.plot(
+                line,
+                ref["steps_to_target"] * settings.small_batch / line,
+                color="0.5",
+                linestyle="--",
+                label="perfect scaling (slope −1 from the reference)",
+            )
+        if predicted is not None:
+            ax.axvline(predicted, color="C2", linestyle=":", label="B_simple")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set(xlabel="batch kn", ylabel="steps to the target")
+        ax.set_title(
+            f"Steps until the test error reaches {100 * settings.target_error:g}% "
+            "(Shallue et al. 2019)",
+            fontsize=10,
+        )
+        ax.legend(fontsize=8)
+    return paths
+
+
+EXPERIMENT = Experiment(
+    name="batch-size",
+    description=(
         "How large can the batch be? Goyal et al. 2017's Figure 1 on MNIST-1D: test "
         "error against the batch kn = n·2^j with linear scaling and gradual warmup, "
         "the gradient noise scale B_simple (McCandlish et al. 2018) measured along "
         "the runs, LARS (You et al. 2017) at the large batches, and the steps to a "
         "target error (Shallue et al. 2019)."
-    )
-    quick: Mapping[str, Any] = {
+    ),
+    quick={
         "samples": 2560,
         "epochs": 3,
         "warmup_epochs": 1.0,
@@ -323,205 +765,15 @@ class BatchSizeExperiment:
         "batches": "32,256",
         "lars_batches": "256",
         "target_error": 50.0,
-    }
-    anchors: Mapping[str, Any] = ANCHORS
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        d = Settings()
-        parser.set_defaults(samples=DEFAULT_SAMPLES, seeds=DEFAULT_SEEDS)
-        a = parser.add_argument_group("the batch-size experiment").add_argument
-        a(
-            "--small-batch",
-            type=int,
-            default=d.small_batch,
-            help="n: the reference batch, and the ghost BatchNorm group in every run",
-        )
-        a(
-            "--batches",
-            type=_ints,
-            default=_shown(d.batches),
-            help="comma-separated batches kn of the SGD runs, multiples of n; n (the "
-            "reference) among them",
-        )
-        a("--lr", type=float, default=d.lr, help="η: the SGD rate at batch n")
-        a("--epochs", type=int, default=d.epochs, help="epochs of every run")
-        a(
-            "--warmup-epochs",
-            type=float,
-            default=d.warmup_epochs,
-            help="gradual warmup length in epochs (every run)",
-        )
-        a(
-            "--milestones",
-            type=_floats,
-            default=None,
-            help="comma-separated epochs of the ×0.1 decays, each before the end of "
-            "training (default: 1/3, 2/3 and 8/9 of --epochs)",
-        )
-        a(
-            "--optimizers",
-            type=_optimizers,
-            default=",".join(d.optimizers),
-            help="which optimizers run: sgd (every batch of --batches), lars (the "
-            "batches of --lars-batches)",
-        )
-        a(
-            "--lars-batches",
-            type=_ints,
-            default=_shown(d.lars_batches),
-            help="comma-separated batches of the LARS runs, multiples of n",
-        )
-        a(
-            "--lars-lr",
-            type=float,
-            default=d.lars_lr,
-            help="LARS's peak rate, the same at every batch (tuned at kn=1024)",
-        )
-        a(
-            "--trust-coefficient",
-            type=float,
-            default=d.trust_coefficient,
-            help="LARS's trust coefficient c",
-        )
-        a(
-            "--target-error",
-            type=float,
-            default=100 * d.target_error,
-            help="the test error (%%) of the steps-to-target figure",
-        )
-        add_model_arguments(a, d)
-
-    def settings(self, args: argparse.Namespace) -> Settings:
-        for flag in ("small_batch", "epochs"):
-            if getattr(args, flag) < 1:
-                raise FlagError(
-                    "--" + flag.replace("_", "-"),
-                    f"must be at least 1, got {getattr(args, flag)}",
-                )
-        n = args.small_batch
-        for flag in ("batches", "lars_batches"):
-            values = getattr(args, flag)
-            name = "--" + flag.replace("_", "-")
-            bad = [b for b in values if b < n or b % n]
-            if bad:
-                raise FlagError(
-                    name, f"{_shown(bad)}: not a multiple of --small-batch {n}"
-                )
-            if len(set(values)) != len(values) or list(values) != sorted(values):
-                raise FlagError(name, f"{_shown(values)} must be strictly increasing")
-        if "sgd" in args.optimizers and n not in args.batches:
-            raise FlagError(
-                "--batches",
-                f"{_shown(args.batches)} must include the reference batch "
-                f"--small-batch {n}",
-            )
-        if "sgd" not in args.optimizers:
-            raise FlagError(
-                "--optimizers",
-                f"{','.join(args.optimizers)} must include sgd (the reference)",
-            )
-        if not 0 < args.target_error < 100:
-            raise FlagError(
-                "--target-error",
-                f"must be in (0, 100) percent, got {args.target_error}",
-            )
-        check_model_arguments(args)
-        return Settings(
-            small_batch=n,
-            batches=args.batches,
-            lr=args.lr,
-            epochs=args.epochs,
-            warmup_epochs=args.warmup_epochs,
-            milestones=schedule_milestones(args),
-            weight_decay=args.weight_decay,
-            label_smoothing=args.label_smoothing,
-            widths=args.widths,
-            optimizers=args.optimizers,
-            lars_batches=args.lars_batches if "lars" in args.optimizers else (),
-            lars_lr=args.lars_lr,
-            trust_coefficient=args.trust_coefficient,
-            target_error=args.target_error / 100,
-        )
-
-    def load_settings(self, stored: Mapping[str, Any]) -> Settings:
-        return Settings(**stored)
-
-    def runs(self, settings: Settings, seeds: Sequence[int]) -> list[Run]:
-        return [Run(c, seed) for seed in seeds for c in settings.configs()]
-
-    def check(self, settings: Settings, data: Arrays, devices: int) -> None:
-        n_train = len(data["y_train"])
-        for flag, values in (
-            ("--batches", settings.batches),
-            ("--lars-batches", settings.lars_batches),
-        ):
-            if values and values[-1] > n_train:
-                raise FlagError(
-                    flag,
-                    f"{values[-1]} exceeds the {n_train} training sequences of "
-                    "--samples",
-                )
-        for config in settings.configs():  # ghost BatchNorm groups stay in a process
-            check_groups(
-                parse_config(config)[1],
-                settings.small_batch,
-                jax.process_count(),
-                flag="--batches",
-            )
-        if settings.small_batch % devices:
-            raise FlagError(
-                "--small-batch",
-                f"{settings.small_batch} does not split over the {devices} devices",
-            )
-        for config in settings.configs():  # the library's own checks, up front
-            _, batch = parse_config(config)
-            try:
-                settings.optimizer(config, n_train // batch)
-            except ValueError as error:
-                argument = str(error).split(" ", 1)[0]
-                flag = _FLAG_OF.get(argument, argument)
-                if flag == "--lr" and config.startswith("lars"):
-                    flag = "--lars-lr"
-                raise FlagError(flag, str(error)) from None
-
-    def epochs(self, settings: Settings) -> int:
-        return settings.epochs
-
-    def train(
-        self,
-        settings: Settings,
-        run: Run,
-        data: Arrays,
-        *,
-        mesh: Mesh | None = None,
-        on_epoch: OnEpoch | None = None,
-    ) -> Result:
-        return train_run(
-            settings, run.config, run.seed, data, mesh=mesh, on_epoch=on_epoch
-        )
-
-    # The report imports this module: imported when needed.
-    def summarize(self, settings: Settings, results: Sequence[Result]) -> Summary:
-        from optax_warmup.demo import batch_size_report
-
-        return batch_size_report.summarize(results, settings)
-
-    def table(self, summary: Summary) -> str:
-        from optax_warmup.demo import batch_size_report
-
-        return batch_size_report.markdown_table(summary)
-
-    def notes(self, summary: Summary) -> list[str]:
-        from optax_warmup.demo import batch_size_report
-
-        return batch_size_report.notes(summary)
-
-    def figures(
-        self, settings: Settings, results: Sequence[Result], n_train: int, out: Path
-    ) -> list[Path]:
-        from optax_warmup.demo import batch_size_report
-
-        return batch_size_report.plot(results, settings, out)
-
-
-EXPERIMENT = BatchSizeExperiment()
+    },
+    anchors=ANCHORS,
+    settings_type=Settings,
+    add_arguments=add_arguments,
+    settings=from_flags,
+    check=check,
+    train_run=train_run,
+    summarize=summarize,
+    table=markdown_table,
+    notes=notes,
+    figures=plot,
+)

@@ -10,7 +10,7 @@ each process then puts only its rows of every batch and of the test set on its
 devices, and every number of the recipe (the batch, the steps per epoch) stays
 global. The epoch loop, the shuffling and the evaluation are
 plain Python around it, so an experiment only chooses the model, the optimizer and
-the batch.
+the batch; ``run_result`` makes its result of the curves.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import optax_warmup as ow
-from optax_warmup.demo.experiment import Arrays, OnEpoch
+from optax_warmup.demo import stats
+from optax_warmup.demo.experiment import Arrays, OnEpoch, Result
 
 Readout = Callable[[optax.OptState], Any]  # opt_state -> a scalar, once per epoch
 DEFAULT_READOUTS: Mapping[str, Readout] = {"lr": ow.current_lr}
@@ -248,5 +249,32 @@ def train_classifier(
         "steps_per_epoch": steps,
         "diverged": diverged,
         "seconds": time.perf_counter() - start,
+        **curves,
+    }
+
+
+def run_result(curves: dict[str, Any], **run: Any) -> Result:
+    """One run's result: what it was, its final errors, then its curves.
+
+    Args:
+      curves: what ``train_classifier`` returned (its ``steps_per_epoch``,
+        ``diverged`` and ``seconds`` are moved to the front).
+      **run: what the run was (``config``, ``seed``, ``batch_size``, ...), first.
+
+    Returns:
+      ``run``, then ``steps_per_epoch``, ``diverged``, ``final_test_error``
+      (Goyal's median of the last 5 epochs, ``stats.final_error``),
+      ``last_test_error``, ``final_train_error`` (the last epoch's), ``seconds``
+      and the per-epoch curves.
+    """
+    curves = dict(curves)
+    return {
+        **run,
+        "steps_per_epoch": curves.pop("steps_per_epoch"),
+        "diverged": curves.pop("diverged"),
+        "final_test_error": stats.final_error(curves["test_error"]),
+        "last_test_error": curves["test_error"][-1],
+        "final_train_error": curves["train_error"][-1],
+        "seconds": curves.pop("seconds"),
         **curves,
     }

@@ -1,9 +1,8 @@
 """The warmup experiment (the default of ``python -m optax_warmup.demo``).
 
 Goyal et al. 2017's comparison (Table 1 and Figure 2), scaled down: a small 1-D
-ResNet (``ow.models.SmallResNet1D``) trained on MNIST-1D in four configurations,
-each for the same number of epochs with the learning rate divided by 10 at the same
-epochs:
+ResNet (``model.small_resnet``) trained on MNIST-1D in four configurations, each for
+the same number of epochs with the learning rate divided by 10 at the same epochs:
 
 1. ``reference``: the small batch n with learning rate η;
 2. ``no_warmup``: the large batch kn with the linearly scaled rate kη from step 0;
@@ -15,9 +14,15 @@ that skips BatchNorm parameters and biases), ``ow.smoothed_cross_entropy``, zero
 initialization, and BatchNorm statistics over groups of n examples inside the large
 batch (ghost BatchNorm), as Goyal's workers computed them.
 
-This module holds the runs (configurations, settings, flags, one run) and the
-``Experiment`` that ``__main__`` drives; ``warmup_report`` the summary, the table and
-the figures.
+The report: the final test error per configuration (mean ± std over seeds, the gap
+to the reference and Welch's p) laid out like Goyal's Table 1,
+``training_error.png`` (the training error per epoch of each large-batch
+configuration against the reference, their Figure 2 layout) and
+``lr_schedules.png`` (every configuration's learning-rate schedule, whole and its
+first epochs).
+
+This module is the whole experiment, ``EXPERIMENT``: its configurations and
+settings, one run, its flags, the analysis and the report.
 
 References:
   Goyal et al. 2017, Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour,
@@ -28,8 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -40,18 +44,17 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import optax_warmup as ow
-from optax_warmup.demo import report
-from optax_warmup.demo.data import NUM_CLASSES
-from optax_warmup.demo.distributed import check_groups
+from optax_warmup.demo import flags, report, stats
 from optax_warmup.demo.experiment import (
     Arrays,
+    Experiment,
     FlagError,
     OnEpoch,
     Result,
-    Run,
     Summary,
 )
-from optax_warmup.demo.training import steps_per_epoch, train_classifier
+from optax_warmup.demo.model import small_resnet
+from optax_warmup.demo.training import run_result, steps_per_epoch, train_classifier
 
 
 class Config(NamedTuple):
@@ -101,6 +104,10 @@ class Settings:
         object.__setattr__(self, "milestones", tuple(map(float, self.milestones)))
         object.__setattr__(self, "widths", tuple(map(int, self.widths)))
 
+    def configs(self) -> list[str]:
+        """Every configuration, in the order of Goyal's table."""
+        return list(CONFIGS)
+
     def batch_size(self, config: str) -> int:
         """n for the reference, kn for the others."""
         return (
@@ -144,23 +151,7 @@ class Settings:
 
     def model(self, seed: int) -> nnx.Module:
         """The zero-γ ``SmallResNet1D`` with ghost BatchNorm over groups of n."""
-        return ow.models.SmallResNet1D(
-            num_classes=NUM_CLASSES,
-            widths=self.widths,
-            batch_norm_group_size=self.small_batch,
-            rngs=nnx.Rngs(seed),
-        )
-
-
-def default_milestones(epochs: int) -> tuple[float, ...]:
-    """Goyal's decays at epochs 30, 60 and 80 of 90, scaled to ``epochs``.
-
-    >>> default_milestones(90)
-    (30.0, 60.0, 80.0)
-    >>> default_milestones(30)
-    (10.0, 20.0, 27.0)
-    """
-    return tuple(float(round(epochs * f)) for f in (30 / 90, 60 / 90, 80 / 90))
+        return small_resnet(self.widths, self.small_batch, seed)
 
 
 def train_run(
@@ -184,10 +175,11 @@ def train_run(
       on_epoch: called as ``on_epoch(epoch, test_error)`` after each epoch.
 
     Returns:
-      The curves of ``training.train_classifier`` (``train_loss``, ``train_error``,
-      ``test_error``, ``lr``: ``ow.current_lr`` after each epoch's last step), the
-      run's final errors (``final_test_error``: Goyal's median of the last 5
-      epochs) and what it was (``config``, ``seed``, ``batch_size``).
+      ``training.run_result``: what the run was (``config``, ``seed``,
+      ``batch_size``), its final errors (``final_test_error``: Goyal's median of
+      the last 5 epochs) and the curves of ``training.train_classifier``
+      (``train_loss``, ``train_error``, ``test_error``, ``lr``: ``ow.current_lr``
+      after each epoch's last step).
     """
     batch = settings.batch_size(config)
     steps = steps_per_epoch(len(data["y_train"]), batch)
@@ -203,271 +195,238 @@ def train_run(
         on_epoch=on_epoch,
         step_key=(settings, config, steps),
     )
-    return {
-        "config": config,
-        "seed": seed,
-        "batch_size": batch,
-        "steps_per_epoch": curves.pop("steps_per_epoch"),
-        "diverged": curves.pop("diverged"),
-        "final_test_error": report.final_error(curves["test_error"]),
-        "last_test_error": curves["test_error"][-1],
-        "final_train_error": curves["train_error"][-1],
-        "seconds": curves.pop("seconds"),
-        **curves,
-    }
+    return run_result(curves, config=config, seed=seed, batch_size=batch)
 
 
 # --- the command line -------------------------------------------------------------
 
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+# The library's arguments that this experiment's flags set (besides the recipe's).
+_FLAG_OF = {"batch_size": "--large-batch"}
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recipe's flags, then ``--large-batch``."""
+    d = Settings()
+    flags.add_recipe_arguments(parser, d)
+    a = parser.add_argument_group("the warmup experiment").add_argument
+    a("--large-batch", type=int, default=d.large_batch, help="kn: a multiple of n")
 
 
-def _shown(values: Sequence[float]) -> str:
-    return ",".join(f"{v:g}" for v in values)
-
-
-def add_model_arguments(add: Callable[..., Any], defaults: Any) -> None:
-    """The flags of the model and its loss, shared by the experiments:
-    ``--weight-decay``, ``--label-smoothing`` and ``--widths``, given to ``add``
-    (an argument group's ``add_argument``)."""
-    add(
-        "--weight-decay",
-        type=float,
-        default=defaults.weight_decay,
-        help="L2 on conv/dense kernels",
-    )
-    add(
-        "--label-smoothing",
-        type=float,
-        default=defaults.label_smoothing,
-        help="α of the cross-entropy",
-    )
-    add(
-        "--widths",
-        type=_ints,
-        default=_shown(defaults.widths),
-        help="SmallResNet1D stage widths, comma-separated (three)",
+def from_flags(args: argparse.Namespace) -> Settings:
+    """The settings of the parsed flags; ``FlagError`` for a value that cannot
+    work."""
+    milestones = flags.check_recipe_arguments(args)
+    flags.check_at_least_one(args, "large_batch")
+    if args.large_batch % args.small_batch:
+        raise FlagError(
+            "--large-batch",
+            f"{args.large_batch} is not a multiple of --small-batch {args.small_batch}",
+        )
+    return Settings(
+        **{**flags.settings_fields(args, Settings), "milestones": milestones}
     )
 
 
-def check_model_arguments(args: argparse.Namespace) -> None:
-    """``FlagError`` for a label smoothing outside [0, 1] or widths that are not
-    three positive integers."""
-    if not 0 <= args.label_smoothing <= 1:
-        raise FlagError(
-            "--label-smoothing", f"must be in [0, 1], got {args.label_smoothing}"
-        )
-    if len(args.widths) != 3 or min(args.widths) < 1:
-        raise FlagError(
-            "--widths", f"expected three positive widths, got {_shown(args.widths)}"
-        )
+def check(settings: Settings, data: Arrays, devices: int) -> None:
+    """``FlagError`` unless every configuration can train on ``data`` over
+    ``devices``, the optimizer's own checks included."""
+    n_train = len(data["y_train"])
+    flags.check_batches(
+        {"--large-batch": [settings.batch_size(c) for c in CONFIGS]},
+        settings.small_batch,
+        n_train,
+        devices,
+    )
+    for config in CONFIGS:
+        with flags.library_checks(_FLAG_OF):
+            settings.optimizer(config, n_train // settings.batch_size(config))
 
 
-def schedule_milestones(args: argparse.Namespace) -> tuple[float, ...]:
-    """``--milestones`` (default: ``default_milestones(--epochs)``), checked against
-    ``--epochs`` and ``--warmup-epochs``; ``FlagError`` for a schedule that cannot
-    work (a decay at or after the end, or before the warmup ends)."""
-    milestones = args.milestones
-    given = milestones is not None
-    if not given:
-        milestones = default_milestones(args.epochs)
-    where = "" if given else f" (the default for --epochs {args.epochs})"
-    if any(b <= a for a, b in itertools.pairwise(milestones)):
-        raise FlagError(
-            "--milestones",
-            f"milestones {_shown(milestones)}{where} must be strictly increasing",
-        )
-    if milestones and milestones[0] <= 0:
-        raise FlagError(
-            "--milestones",
-            f"milestones {_shown(milestones)}{where} must be > 0 (epochs)",
-        )
-    if milestones and milestones[-1] >= args.epochs:
-        raise FlagError(
-            "--milestones",
-            f"milestones {_shown(milestones)}{where}: a decay at or after the "
-            f"end of training (--epochs {args.epochs}) never takes effect",
-        )
-    if milestones and args.warmup_epochs >= milestones[0]:
-        raise FlagError(
-            "--warmup-epochs",
-            f"the warmup of {args.warmup_epochs:g} epochs must end before the "
-            f"first decay of --milestones {_shown(milestones)}{where}",
-        )
-    return tuple(milestones)
+# --- the analysis and the report --------------------------------------------------
 
 
-# Library arguments as the flags that set them, for the optimizer's own checks.
-_FLAG_OF = {
-    "base_lr": "--lr",
-    "base_batch_size": "--small-batch",
-    "batch_size": "--large-batch",
-    "warmup_epochs": "--warmup-epochs",
-    "milestones": "--milestones",
-    "weight_decay": "--weight-decay",
+def summarize(results: Sequence[Result], settings: Settings) -> Summary:
+    """Per configuration: final test error mean ± std over seeds, and the gap.
+
+    Each configuration's final errors are compared with the reference's: the gap
+    of the means, its standard error and Welch's two-sided p-value (None for the
+    reference itself and with a single seed).
+    """
+    summary: Summary = {}
+    for name, config in CONFIGS.items():
+        runs = [r for r in results if r["config"] == name]
+        if not runs:
+            continue
+        errors = [r["final_test_error"] for r in runs]
+        mean, std = stats.mean_std(errors)
+        train_mean, train_std = stats.mean_std([r["final_train_error"] for r in runs])
+        summary[name] = {
+            "label": config.label,
+            "batch_size": settings.batch_size(name),
+            "peak_lr": settings.peak_lr(name),
+            "warmup": config.warmup,
+            "test_error_mean": mean,
+            "test_error_std": std,
+            "test_errors": errors,
+            "train_error_mean": train_mean,
+            "train_error_std": train_std,
+            "diverged_runs": sum(r["diverged"] for r in runs),
+        }
+    if REFERENCE in summary:
+        reference = summary[REFERENCE]["test_errors"]
+        for name, s in summary.items():
+            s.update(stats.versus_reference(s["test_errors"], reference))
+            if name == REFERENCE:
+                s["p_value"] = None
+    return summary
+
+
+def markdown_table(summary: Summary) -> str:
+    """Goyal's Table 1 layout: one row per configuration, errors in percent."""
+    header = [
+        "configuration",
+        "batch",
+        "peak η",
+        "test error (%)",
+        "Δ vs reference (pp)",
+        "p vs reference",
+        "train error (%)",
+    ]
+    rows = []
+    for name, s in summary.items():
+        gap = "–"
+        if name != REFERENCE and "gap_vs_reference" in s:
+            gap = report.gap_cell(s["gap_vs_reference"], s["gap_standard_error"])
+        diverged = f" ({s['diverged_runs']} diverged)" if s["diverged_runs"] else ""
+        rows.append(
+            [
+                s["label"] + diverged,
+                str(s["batch_size"]),
+                f"{s['peak_lr']:.4g}",
+                report.percent_pm(s["test_error_mean"], s["test_error_std"]),
+                gap,
+                report.p_cell(s.get("p_value")),
+                report.percent_pm(s["train_error_mean"], s["train_error_std"]),
+            ]
+        )
+    return report.markdown_table(header, rows)
+
+
+def notes(summary: Summary) -> list[str]:
+    """The line that says what the p column is."""
+    others = [s.get("p_value") for k, s in summary.items() if k != REFERENCE]
+    return [report.p_value_note(others)]
+
+
+COLORS = {
+    "reference": "k",
+    "no_warmup": "C3",
+    "constant_warmup": "C1",
+    "gradual_warmup": "C0",
 }
+STYLES = {"no_warmup": "--", "constant_warmup": "-.", "gradual_warmup": "-"}
 
 
-class WarmupExperiment:
-    """Goyal's Table 1 on MNIST-1D: the ``Experiment`` of this module."""
+def label(config: str, settings: Settings) -> str:
+    """A legend label with the numbers, e.g. ``kn=1024, kη=3.2, gradual warmup``."""
+    batch, warmup = settings.batch_size(config), CONFIGS[config].warmup
+    if config == REFERENCE:
+        return f"n={batch}, η={settings.lr:g} (reference)"
+    return (
+        f"kn={batch}, kη={settings.peak_lr(config):g}, "
+        + ("no" if warmup == "none" else warmup)
+        + " warmup"
+    )
 
-    name = "warmup"
-    description = (
+
+def plot(results: Sequence[Result], settings: Settings, out: Path) -> list[Path]:
+    """Writes training_error.png and lr_schedules.png into ``out``.
+
+    The schedules are drawn at the steps per epoch of the runs.
+    """
+    paths = [out / "training_error.png", out / "lr_schedules.png"]
+    epochs = np.arange(1, settings.epochs + 1)
+
+    def curves(config: str) -> np.ndarray:
+        rows = [
+            report.padded(r["train_error"], settings.epochs)
+            for r in results
+            if r["config"] == config
+        ]
+        return 100 * np.asarray(rows, np.float64)
+
+    large = [c for c in CONFIGS if c != REFERENCE]
+    with report.figure(
+        paths[0], 1, len(large), figsize=(5 * len(large), 4), sharey=True
+    ) as (fig, axes):
+        for ax, config in zip(np.atleast_1d(axes), large, strict=True):
+            for name in (REFERENCE, config):
+                c = curves(name)
+                if not c.size:
+                    continue
+                mean, low, high = np.nanmean(c, 0), np.nanmin(c, 0), np.nanmax(c, 0)
+                ax.plot(epochs, mean, color=COLORS[name], label=label(name, settings))
+                ax.fill_between(
+                    epochs, low, high, color=COLORS[name], alpha=0.2, linewidth=0
+                )
+            report.mark_epochs(ax, (settings.warmup_epochs, *settings.milestones))
+            ax.set(yscale="log", xlabel="epoch", title=label(config, settings))
+            ax.legend(loc="upper right", fontsize=8)
+        np.atleast_1d(axes)[0].set_ylabel(
+            "training error (%): mean, min–max over seeds"
+        )
+        fig.suptitle(
+            "Training error per epoch (mean over the epoch's batches, training "
+            "mode); dotted: end of warmup and ×0.1 decays",
+            fontsize=9,
+        )
+
+    steps_of = {r["config"]: r["steps_per_epoch"] for r in results}
+    with report.figure(paths[1], 1, 2, figsize=(11, 4)) as (fig, axes):
+        zoom = min(settings.epochs, 2 * max(settings.warmup_epochs, 1))
+        for config in (c for c in CONFIGS if c in steps_of):
+            spe = steps_of[config]
+            steps = np.arange(settings.epochs * spe)
+            lr = np.asarray(jax.vmap(settings.schedule(config, spe))(steps))
+            style = dict(
+                color=COLORS[config],
+                linestyle=STYLES.get(config, "-"),
+                drawstyle="steps-post",
+            )
+            axes[0].plot(steps / spe, lr, label=label(config, settings), **style)
+            keep = steps / spe <= zoom
+            axes[1].plot(steps[keep] / spe, lr[keep], **style)
+        axes[0].set(yscale="log", xlabel="epoch", ylabel="learning rate per step")
+        axes[0].set_title("ow.goyal_schedule of each run (log scale)", fontsize=10)
+        axes[1].set(xlabel="epoch", ylabel="learning rate per step")
+        axes[1].set_title(f"the first {zoom:g} epochs (linear scale)", fontsize=10)
+        axes[0].legend(fontsize=8)
+    return paths
+
+
+EXPERIMENT = Experiment(
+    name="warmup",
+    description=(
         "Goyal et al. 2017's warmup comparison (Table 1) on MNIST-1D: a small batch "
         "n with rate η against a large batch kn with the linearly scaled rate kη and "
         "no, constant or gradual warmup; same epochs, ×0.1 decays at the same epochs."
-    )
-    quick: Mapping[str, Any] = {
+    ),
+    quick={
         "samples": 4000,
         "epochs": 4,
         "warmup_epochs": 1.0,
         "milestones": "2,3",
         "seeds": 1,
         "large_batch": 256,
-    }
-    anchors: Mapping[str, Any] = ANCHORS
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        d = Settings()
-        a = parser.add_argument_group("the warmup experiment").add_argument
-        a(
-            "--small-batch",
-            type=int,
-            default=d.small_batch,
-            help="n: the reference batch, and the ghost BatchNorm group in every run",
-        )
-        a("--large-batch", type=int, default=d.large_batch, help="kn: a multiple of n")
-        a("--lr", type=float, default=d.lr, help="η: the rate at batch n")
-        a("--epochs", type=int, default=d.epochs, help="epochs of every run")
-        a(
-            "--warmup-epochs",
-            type=float,
-            default=d.warmup_epochs,
-            help="warmup length in epochs",
-        )
-        a(
-            "--milestones",
-            type=_floats,
-            default=None,
-            help="comma-separated epochs of the ×0.1 decays, each before the end of "
-            "training (default: 1/3, 2/3 and 8/9 of --epochs, Goyal's 30, 60, 80 "
-            "of 90)",
-        )
-        add_model_arguments(a, d)
-
-    def settings(self, args: argparse.Namespace) -> Settings:
-        for flag in ("small_batch", "large_batch", "epochs"):
-            if getattr(args, flag) < 1:
-                raise FlagError(
-                    "--" + flag.replace("_", "-"),
-                    f"must be at least 1, got {getattr(args, flag)}",
-                )
-        if args.large_batch % args.small_batch:
-            raise FlagError(
-                "--large-batch",
-                f"{args.large_batch} is not a multiple of --small-batch "
-                f"{args.small_batch}",
-            )
-        milestones = schedule_milestones(args)
-        check_model_arguments(args)
-        return Settings(
-            small_batch=args.small_batch,
-            large_batch=args.large_batch,
-            lr=args.lr,
-            epochs=args.epochs,
-            warmup_epochs=args.warmup_epochs,
-            milestones=milestones,
-            weight_decay=args.weight_decay,
-            label_smoothing=args.label_smoothing,
-            widths=args.widths,
-        )
-
-    def load_settings(self, stored: Mapping[str, Any]) -> Settings:
-        return Settings(**stored)
-
-    def runs(self, settings: Settings, seeds: Sequence[int]) -> list[Run]:
-        return [Run(config, seed) for seed in seeds for config in CONFIGS]
-
-    def check(self, settings: Settings, data: Arrays, devices: int) -> None:
-        n_train = len(data["y_train"])
-        if n_train < settings.large_batch:
-            raise FlagError(
-                "--large-batch",
-                f"{settings.large_batch} exceeds the {n_train} training sequences "
-                "of --samples",
-            )
-        for config in CONFIGS:  # ghost BatchNorm groups stay inside a process
-            check_groups(
-                settings.batch_size(config),
-                settings.small_batch,
-                jax.process_count(),
-                flag="--large-batch",
-            )
-        if settings.small_batch % devices:
-            raise FlagError(
-                "--small-batch",
-                f"{settings.small_batch} does not split over the {devices} devices",
-            )
-        for config in CONFIGS:  # the optimizer's own checks, before any training
-            try:
-                settings.optimizer(config, n_train // settings.batch_size(config))
-            except ValueError as error:
-                argument = str(error).split(" ", 1)[0]
-                raise FlagError(_FLAG_OF.get(argument, argument), str(error)) from None
-
-    def epochs(self, settings: Settings) -> int:
-        return settings.epochs
-
-    def train(
-        self,
-        settings: Settings,
-        run: Run,
-        data: Arrays,
-        *,
-        mesh: Mesh | None = None,
-        on_epoch: OnEpoch | None = None,
-    ) -> Result:
-        return train_run(
-            settings, run.config, run.seed, data, mesh=mesh, on_epoch=on_epoch
-        )
-
-    # The report imports this module's configurations: imported when needed.
-    def summarize(self, settings: Settings, results: Sequence[Result]) -> Summary:
-        from optax_warmup.demo import warmup_report
-
-        return warmup_report.summarize(results, settings)
-
-    def table(self, summary: Summary) -> str:
-        from optax_warmup.demo import warmup_report
-
-        return warmup_report.markdown_table(summary)
-
-    def notes(self, summary: Summary) -> list[str]:
-        others = [s.get("p_value") for k, s in summary.items() if k != REFERENCE]
-        return [report.p_value_note(others)]
-
-    def figures(
-        self, settings: Settings, results: Sequence[Result], n_train: int, out: Path
-    ) -> list[Path]:
-        from optax_warmup.demo import warmup_report
-
-        return warmup_report.plot(results, settings, n_train, out)
-
-
-EXPERIMENT = WarmupExperiment()
+    },
+    anchors=ANCHORS,
+    settings_type=Settings,
+    add_arguments=add_arguments,
+    settings=from_flags,
+    check=check,
+    train_run=train_run,
+    summarize=summarize,
+    table=markdown_table,
+    notes=notes,
+    figures=plot,
+)

@@ -1,0 +1,291 @@
+"""The statistics of the demo's experiments: plain functions of plain numbers.
+
+A run's final error is Goyal et al.'s (the median of its last 5 epochs); a
+configuration is summarized over its seeds by the mean and the sample standard
+deviation, and compared with the reference configuration by the gap of the means,
+its standard error and a two-sided Welch t-test (unequal variances). The steps (or
+examples) a run needs to reach a target error come from its error curve
+(``count_to_target``), and McCandlish et al.'s critical batch from those counts at
+several fixed batches (``fit_critical_batch``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+FINAL_EPOCHS = 5  # Goyal: a run's error is the median of its last 5 epochs
+
+
+def final_error(test_errors: Sequence[float]) -> float:
+    """A run's final error as Goyal reports it: the median of the last 5 epochs.
+
+    >>> final_error([0.9, 0.5, 0.1, 0.2, 0.3, 0.4, 0.2])
+    0.2
+    """
+    return float(np.median(np.asarray(test_errors[-FINAL_EPOCHS:], np.float64)))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (ddof=1; 0 for a single value).
+
+    >>> mean_std([1.0, 2.0, 3.0])
+    (2.0, 1.0)
+    """
+    array = np.asarray(values, np.float64)
+    std = float(array.std(ddof=1)) if array.size > 1 else 0.0
+    return float(array.mean()), std
+
+
+def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """The two-sided p-value of Welch's t-test that ``a`` and ``b`` share a mean.
+
+    With sample means ``m``, sample variances ``s²`` (ddof=1) and sizes ``n``::
+
+      t = (m_a − m_b) / √(s_a²/n_a + s_b²/n_b)
+      ν = (s_a²/n_a + s_b²/n_b)² / ((s_a²/n_a)²/(n_a − 1) + (s_b²/n_b)²/(n_b − 1))
+      p = 2 · P(T_ν > |t|)        (Student's t with ν degrees of freedom)
+
+    which is ``scipy.stats.ttest_ind(a, b, equal_var=False).pvalue``.
+
+    Edge cases: fewer than 2 values on either side leave the variance, hence the
+    test, undefined: None. Both sides constant: 0.0 if the means differ (|t| is
+    infinite), None if they are equal (t is 0/0).
+
+    >>> round(welch_p_value([0.10, 0.12, 0.14], [0.15, 0.15, 0.15]), 3)
+    0.122
+    >>> welch_p_value([0.1], [0.2, 0.3]) is None
+    True
+
+    References:
+      Welch 1947, The generalization of "Student's" problem when several different
+      population variances are involved, Biometrika 34.
+    """
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if x.size < 2 or y.size < 2:
+        return None
+    vx, vy = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    diff = float(x.mean() - y.mean())
+    if vx + vy == 0:
+        return None if diff == 0 else 0.0
+    t = diff / math.sqrt(vx + vy)
+    dof = (vx + vy) ** 2 / (vx**2 / (x.size - 1) + vy**2 / (y.size - 1))
+    from scipy import stats
+
+    return float(2 * stats.t.sf(abs(t), dof))
+
+
+def versus_reference(
+    errors: Sequence[float], reference: Sequence[float]
+) -> dict[str, Any]:
+    """The gap of the mean errors to the reference, its standard error, Welch's p.
+
+    ``gap_standard_error = √(s²/n + s_ref²/n_ref)`` (0 with one seed each).
+    """
+    mean, std = mean_std(errors)
+    ref_mean, ref_std = mean_std(reference)
+    return {
+        "gap_vs_reference": mean - ref_mean,
+        "gap_standard_error": math.sqrt(
+            std**2 / len(errors) + ref_std**2 / len(reference)
+        ),
+        "p_value": welch_p_value(errors, reference),
+    }
+
+
+def count_to_target(
+    counts: Sequence[float], errors: Sequence[float], target: float
+) -> float | None:
+    """The steps (or examples) at which an error curve first reaches ``target``.
+
+    ``errors[i]`` is the error evaluated after ``counts[i]`` steps (or examples);
+    between two evaluations the curve is taken as linear, so the first crossing,
+    from ``errors[i-1] > target`` to ``errors[i] <= target``, is at::
+
+      counts[i-1] + (errors[i-1] − target) / (errors[i-1] − errors[i])
+                    · (counts[i] − counts[i-1])
+
+    Edge cases: a curve at or below ``target`` at its first evaluation gives
+    ``counts[0]`` (nothing is known before it: prepend ``(0, initial error)`` to
+    interpolate from the start); a curve that never gets there gives None; a
+    non-finite error (a diverged run) is never at or below ``target``, and a
+    crossing right after one is placed at the evaluation that shows it.
+
+    Args:
+      counts: the steps (or examples) of each evaluation, non-decreasing.
+      errors: the error at each evaluation.
+      target: the error to reach.
+
+    Returns:
+      The interpolated count, or None when no evaluation reaches ``target``.
+
+    Raises:
+      ValueError: empty or unequal ``counts`` and ``errors``, ``counts`` not
+        finite or decreasing, or ``target`` not finite.
+
+    >>> count_to_target([100, 200, 300], [0.5, 0.3, 0.1], 0.2)
+    250.0
+    >>> count_to_target([100, 200], [0.5, 0.3], 0.2) is None
+    True
+    """
+    x = np.asarray(counts, np.float64)
+    y = np.asarray(errors, np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"counts must be a non-empty sequence, got {counts!r}")
+    if y.shape != x.shape:
+        raise ValueError(
+            f"errors has {y.size} values but counts has {x.size}: one per evaluation"
+        )
+    if not np.isfinite(x).all() or (np.diff(x) < 0).any():
+        raise ValueError(f"counts must be finite and non-decreasing, got {counts!r}")
+    if not math.isfinite(target):
+        raise ValueError(f"target must be finite, got {target!r}")
+    reached = np.flatnonzero(y <= target)  # NaN compares False: never reached
+    if reached.size == 0:
+        return None
+    i = int(reached[0])
+    if i == 0 or not np.isfinite(y[i - 1]):
+        return float(x[i])
+    fraction = (y[i - 1] - target) / (y[i - 1] - y[i])
+    return float(x[i - 1] + fraction * (x[i] - x[i - 1]))
+
+
+class CriticalBatch(NamedTuple):
+    """McCandlish et al.'s trade-off fitted to (steps, examples) points.
+
+    Attributes:
+      s_min: S_min, the fewest steps to the target (an infinite batch).
+      e_min: E_min, the fewest examples to the target (a batch of 1).
+      b_crit: ``e_min / s_min``, the critical batch.
+      rms_log_error: the root mean square of the fit's log residuals, the typical
+        relative misfit of a point (0.05: about 5%).
+      batches: the batches of the fitted curve, geometric over the points'
+        batches widened 4× on each side.
+      steps: the fitted steps at ``batches``, ``s_min + e_min / batches``.
+      examples: the fitted examples at ``batches``, ``batches · steps``.
+    """
+
+    s_min: float
+    e_min: float
+    b_crit: float
+    rms_log_error: float
+    batches: tuple[float, ...]
+    steps: tuple[float, ...]
+    examples: tuple[float, ...]
+
+
+def _positive_vector(name: str, values: Sequence[float]) -> np.ndarray:
+    array = np.asarray(values, np.float64)
+    if array.ndim != 1 or array.size < 2:
+        raise ValueError(
+            f"{name} must be a sequence of at least 2 points (one per batch), got "
+            f"{values!r}"
+        )
+    if not (np.isfinite(array) & (array > 0)).all():
+        raise ValueError(f"{name} must be finite and > 0, got {values!r}")
+    return array
+
+
+def fit_critical_batch(
+    steps: Sequence[float], examples: Sequence[float], *, curve_points: int = 64
+) -> CriticalBatch:
+    """Fits McCandlish et al.'s steps/examples trade-off; returns S_min, E_min, B_crit.
+
+    Each point is one fixed batch B: the optimizer steps S and the examples
+    E = B·S that it took to reach a target error. The paper's model of the
+    trade-off, and its critical batch, are::
+
+      (S/S_min − 1)(E/E_min − 1) = 1,        B_crit = E_min / S_min
+
+    which, along the front, reads S(B) = S_min (1 + B_crit/B) and
+    E(B) = E_min (1 + B/B_crit). The batch of each point is known, B = E/S, so
+    this is the explicit curve ``Ŝ(B) = S_min + E_min/B``, and the fit minimizes::
+
+      Σ_i (log S_i − log Ŝ(B_i))²      over (log S_min, log E_min)
+
+    Why this parametrization: the counts to a target scatter by a factor (a seed
+    that needs 10% more steps), so each point counts by its relative misfit, and
+    the largest S (the smallest batch) does not outweigh the rest as it would in
+    a linear least squares on S (or the largest E on E). Since E = B·S, the log
+    residual of E is the same number as that of S: fitting steps or examples, or
+    both, gives one answer, symmetric in the two axes of the paper's figures.
+    Fitting log S_min and log E_min keeps both positive. The start is the linear
+    least squares of ``1 = S_min/S_i + E_min/(B_i S_i)`` (the same residuals to
+    first order); the minimum is found by ``scipy.optimize.least_squares``.
+
+    Edge cases: points that show no diminishing return within their batches
+    (S ∝ 1/B) drive S_min to 0, and points that show no speed-up (S constant)
+    drive E_min to 0; both stop at a bound 10⁶× below the smallest measured S
+    (or E), so a ``b_crit`` far outside the measured batches says only that the
+    critical batch lies beyond them. Two points whose S falls and E rises with B
+    fit exactly (two unknowns).
+
+    Args:
+      steps: S of each point, > 0: one per run at a fixed batch (the runs of
+        several seeds may share a batch).
+      examples: E of each point, > 0, in the same order.
+      curve_points: the points of the fitted curve (at least 2).
+
+    Returns:
+      A ``CriticalBatch``: S_min, E_min, B_crit, the misfit and the fitted curve.
+
+    Raises:
+      ValueError: fewer than 2 points, a value that is not finite and > 0,
+        ``steps`` and ``examples`` of different lengths, or every point at the
+        same batch E/S (the trade-off is then not identifiable).
+
+    >>> fit = fit_critical_batch([300.0, 200.0, 150.0], [3e4, 4e4, 6e4])  # B=100…400
+    >>> round(fit.s_min), round(fit.e_min), round(fit.b_crit)
+    (100, 20000, 200)
+
+    References:
+      McCandlish, Kaplan, Amodei et al. 2018, An Empirical Model of Large-Batch
+      Training, arXiv:1812.06162.
+    """
+    s = _positive_vector("steps", steps)
+    e = _positive_vector("examples", examples)
+    if e.size != s.size:
+        raise ValueError(
+            f"examples has {e.size} points but steps has {s.size}: one pair per batch"
+        )
+    if curve_points < 2:
+        raise ValueError(f"curve_points must be at least 2, got {curve_points!r}")
+    b = e / s
+    if np.ptp(np.log(b)) < 1e-9:
+        raise ValueError(
+            f"examples / steps is the same batch at every point ({b[0]:g}): the "
+            "trade-off needs at least two batches"
+        )
+    log_s = np.log(s)
+    span = math.log(1e6)
+    lower = np.array([log_s.min() - span, np.log(e).min() - span])
+    upper = np.array([log_s.max(), np.log(e).max()])
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        return log_s - np.logaddexp(theta[0], theta[1] - np.log(b))
+
+    design = np.stack([1 / s, 1 / e], axis=1)  # S_min/S + E_min/(B·S) = 1
+    linear = np.linalg.lstsq(design, np.ones_like(s), rcond=None)[0]
+    fallback = np.array([s.min(), e.min()]) / 2
+    start = np.log(np.where(linear > 0, linear, fallback))
+    start = np.clip(start, lower + 1e-6, upper - 1e-6)
+    from scipy import optimize
+
+    theta = optimize.least_squares(
+        residuals, start, bounds=(lower, upper), x_scale=1.0, xtol=1e-12, ftol=1e-12
+    ).x
+    s_min, e_min = float(np.exp(theta[0])), float(np.exp(theta[1]))
+    curve_b = np.geomspace(b.min() / 4, b.max() * 4, curve_points)
+    curve_s = s_min + e_min / curve_b
+    return CriticalBatch(
+        s_min=s_min,
+        e_min=e_min,
+        b_crit=e_min / s_min,
+        rms_log_error=float(np.sqrt(np.mean(residuals(theta) ** 2))),
+        batches=tuple(map(float, curve_b)),
+        steps=tuple(map(float, curve_s)),
+        examples=tuple(map(float, curve_b * curve_s)),
+    )
