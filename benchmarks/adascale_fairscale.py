@@ -6,9 +6,9 @@ loss scaled by ``1/G`` (its default), the rate set to ``η(τ)`` after each step
 docstring's second example does; ours ``ow.accumulate(ow.adascale(optax.sgd, ...))``
 with micro-batch gradients from ``jax.grad``. At every update it records the gain,
 the scale-invariant iterations τ, the rate used and the weights, and reports the
-largest relative difference of each over the run. Needs the ``bench`` extra (torch,
-and fairscale: ``pip install fairscale --no-deps``); without them it says so and
-records nothing.
+largest relative difference of each over the run. Needs the ``bench`` extra (torch and
+fairscale: ``pip install -e ".[bench]"``); without them it says so and records
+nothing.
 
   python benchmarks/adascale_fairscale.py [--quick] [--out PATH]
 """
@@ -137,7 +137,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         import fairscale
         import torch
     except ImportError as error:
-        print(f"skipped: {error} (install the bench extra and fairscale)")
+        print(f"skipped: {error} (install the bench extra)")
         return {"skipped": str(error)}
     cases = []
     for seed, case in enumerate(CASES):
