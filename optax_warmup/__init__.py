@@ -6,6 +6,24 @@ Gaussian initializations, as pure functions and optax transformations.
 """
 
 from optax_warmup import models
+from optax_warmup._accumulation import (
+    AccumulateState,
+    accumulate,
+    consumed_samples,
+    current_batch_size,
+)
+from optax_warmup._adascale import (
+    AdaScaleState,
+    adascale,
+    adascale_progress,
+    current_gain,
+)
+from optax_warmup._batch_rates import BatchScaledRate, batch_scaled_rate
+from optax_warmup._batch_schedules import (
+    BatchSizeSchedule,
+    rampup_batch_size,
+    step_batch_size,
+)
 from optax_warmup._initializers import gaussian_fc_init, he_conv_init, zero_gamma_init
 from optax_warmup._losses import smooth_labels, smoothed_cross_entropy
 from optax_warmup._noise_scale import (
@@ -33,12 +51,23 @@ from optax_warmup._weight_decay import decay_mask, decay_report, masked_weight_d
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulateState",
+    "AdaScaleState",
+    "BatchScaledRate",
+    "BatchSizeSchedule",
     "NoiseScaleState",
     "PlateauAfterWarmupState",
     "ScaleByWarmupState",
     "__version__",
+    "accumulate",
     "adamw",
+    "adascale",
+    "adascale_progress",
     "average_group_grads",
+    "batch_scaled_rate",
+    "consumed_samples",
+    "current_batch_size",
+    "current_gain",
     "current_lr",
     "current_noise_scale",
     "decay_mask",
@@ -54,11 +83,13 @@ __all__ = [
     "masked_weight_decay",
     "models",
     "noise_scale_estimates",
+    "rampup_batch_size",
     "reduce_on_plateau_after",
     "scale_by_warmup",
     "sgd",
     "smooth_labels",
     "smoothed_cross_entropy",
+    "step_batch_size",
     "step_decay_schedule",
     "track_noise_scale",
     "untuned_warmup_schedule",

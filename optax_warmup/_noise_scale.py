@@ -315,7 +315,7 @@ class NoiseScaleState(NamedTuple):
 
 
 def track_noise_scale(
-    b_small: int, b_big: int, *, decay: float = 0.95
+    b_small: int | None = None, b_big: int | None = None, *, decay: float = 0.95
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keeps moving averages of the gradient noise scale's two terms in the state.
 
@@ -341,25 +341,39 @@ def track_noise_scale(
     keeps the last estimate only. ``current_noise_scale`` divides the two
     averages (as the paper does, rather than averaging noisy ratios).
 
+    Inside ``ow.accumulate`` it needs no sizes: ``accumulate`` hands it the norms
+    and the sizes of each update (``b_small=``, ``b_big=``), which change as the
+    batch grows, so ``B_simple`` is tracked along a ramp at no extra cost::
+
+      tx = ow.accumulate(optax.chain(ow.track_noise_scale(), ow.sgd(0.1)),
+                         batch_size=ow.rampup_batch_size(64, 64, 10**6, 1024),
+                         micro_batch_size=32)
+
+    Sizes passed to ``update`` take precedence over those given here.
+
     Edge cases: before the first update both averages are 0 and
-    ``current_noise_scale`` is NaN. ``update`` without both norms raises
-    ``TypeError`` (a tracker fed nothing would silently report a stale value);
-    a NaN norm makes the averages NaN from then on. Under ``optax.MultiSteps`` it
-    updates once per ``k`` micro-batches, from the norms passed with the
-    micro-batch that completes the update (give that micro-batch's sizes). The
-    count is int32 and saturates (``optax.safe_increment``).
+    ``current_noise_scale`` is NaN. ``update`` without both norms, or without
+    sizes (here or passed), raises ``TypeError`` (a tracker fed nothing would
+    silently report a stale value); a NaN norm makes the averages NaN from then
+    on. An update of one group (``b_big == b_small``, as ``accumulate`` gives for a
+    batch of one micro-batch) measures nothing: the state is left as it was
+    (under ``jit`` too). Under ``optax.MultiSteps`` it updates once per ``k``
+    micro-batches, from the norms passed with the micro-batch that completes the
+    update (give that micro-batch's sizes). The count is int32 and saturates
+    (``optax.safe_increment``).
 
     Args:
       b_small: examples per group (an integer >= 1), e.g. the ghost BatchNorm group
-        or the per-device batch.
-      b_big: examples in the whole batch (an integer > ``b_small``).
+        or the per-device batch; or None to take it from each ``update``.
+      b_big: examples in the whole batch (an integer > ``b_small``), or None to
+        take it from each ``update``.
       decay: ``d``, the decay of the moving averages, in [0, 1); about ``1 / (1 -
         d)`` recent steps weigh in (20 at 0.95).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-      ``small_sq_norm=`` and ``big_sq_norm=`` (scalars); its state is a
-      ``NoiseScaleState``.
+      ``small_sq_norm=`` and ``big_sq_norm=`` (scalars), and ``b_small=``,
+      ``b_big=`` where not given here; its state is a ``NoiseScaleState``.
 
     Raises:
       ValueError: bad ``b_small``, ``b_big`` (as in ``noise_scale_estimates``) or
@@ -383,7 +397,13 @@ def track_noise_scale(
       arXiv:1812.06162, appendix A.1; Kingma & Ba 2015, Adam, arXiv:1412.6980
       (bias correction).
     """
-    _check_sizes(b_small, b_big)
+    if (b_small is None) != (b_big is None):
+        raise ValueError(
+            "give both b_small and b_big, or neither (to take them from each "
+            f"update), got b_small={b_small!r}, b_big={b_big!r}"
+        )
+    if b_small is not None:
+        _check_sizes(b_small, b_big)
     check_real("decay", decay, low=0.0, high=1.0, high_open=True)
 
     def init_fn(params: optax.Params) -> NoiseScaleState:
@@ -402,35 +422,48 @@ def track_noise_scale(
         big_sq_norm: ArrayLike | None = None,
         **extra_args,
     ):
-        del params, extra_args
+        del params
+        small_size: Any = extra_args.get("b_small", b_small)
+        big_size: Any = extra_args.get("b_big", b_big)
         missing = [
             name
             for name, value in (
                 ("small_sq_norm", small_sq_norm),
                 ("big_sq_norm", big_sq_norm),
+                ("b_small", small_size),
+                ("b_big", big_size),
             )
             if value is None
         ]
         if missing:
             raise TypeError(
                 "track_noise_scale's update needs small_sq_norm= and big_sq_norm= "
-                "(from ow.average_group_grads or ow.value_and_grad_by_group), "
-                f"missing {', '.join(missing)}"
+                "(from ow.average_group_grads or ow.value_and_grad_by_group) and "
+                "the sizes (given to track_noise_scale, or b_small= and b_big=, as "
+                f"ow.accumulate passes them), missing {', '.join(missing)}"
             )
         small, big = jnp.asarray(small_sq_norm), jnp.asarray(big_sq_norm)
         for name, value in (("small_sq_norm", small), ("big_sq_norm", big)):
             if value.ndim != 0:
                 raise ValueError(f"{name} must be a scalar, got shape {value.shape}")
-        g2, trace_sigma = noise_scale_estimates(small, big, b_small, b_big)
+        check_int("b_small", small_size, low=1)
+        check_int("b_big", big_size, low=1)
+        if not (is_traced(small_size) or is_traced(big_size)) and big_size < small_size:
+            _check_sizes(small_size, big_size)
+        # One group measures no spread: leave the state as it was.
+        measured = jnp.asarray(big_size) > jnp.asarray(small_size)
+        b_big_safe = jnp.where(measured, big_size, 2 * jnp.asarray(small_size))
+        g2, trace_sigma = noise_scale_estimates(small, big, small_size, b_big_safe)
         count = optax.safe_increment(state.count)
         d = jnp.float32(decay)
         weight = (1 - d) / (1 - jnp.power(d, count.astype(jnp.float32)))
 
         def average(old: jax.Array, new: jax.Array) -> jax.Array:
-            return (old + weight * (new.astype(jnp.float32) - old)).astype(jnp.float32)
+            moved = old + weight * (new.astype(jnp.float32) - old)
+            return jnp.where(measured, moved, old).astype(jnp.float32)
 
         new_state = NoiseScaleState(
-            count=count,
+            count=jnp.where(measured, count, state.count),
             g2=average(state.g2, g2),
             trace_sigma=average(state.trace_sigma, trace_sigma),
         )

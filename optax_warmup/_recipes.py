@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
+from optax_warmup._batch_rates import BatchScaledRate
 from optax_warmup._schedules import goyal_schedule
 from optax_warmup._stacked_layers import Stacked, check_stacked
 from optax_warmup._transforms import keep_update_dtype, scale_and_trace
@@ -72,6 +73,7 @@ def _recipe(
     weight decay given as the number 0 builds no decay at all (``decays=False``),
     so that without a trust ratio ``update`` needs no params, as in optax.
     """
+    follows_batch = isinstance(learning_rate, BatchScaledRate)
     if not callable(learning_rate):
         check_real("learning_rate", learning_rate, low=0.0)
     if not callable(weight_decay):
@@ -87,19 +89,23 @@ def _recipe(
         if needed
     ]
 
-    def injected(tree: Any) -> optax.GradientTransformationExtraArgs:
+    def injected(tree: Any, rate: Any) -> optax.GradientTransformationExtraArgs:
         dtype = jnp.promote_types(optax.tree.dtype(tree, "highest"), jnp.float32)
         inject = optax.inject_hyperparams(
             parts, static_args=tuple(static), hyperparam_dtype=dtype
         )
         return inject(
-            learning_rate=_as_float(learning_rate, dtype),
+            learning_rate=_as_float(rate, dtype),
             weight_decay=_as_float(weight_decay, dtype),
             **static,
         )
 
     def init_fn(params):
-        return injected(params).init(params)
+        rate = learning_rate
+        if follows_batch:  # before any update: the base batch's rate at 0 samples
+            start = learning_rate.schedule(jnp.zeros([], jnp.int32))
+            rate = lambda _: start  # noqa: E731
+        return injected(params, rate).init(params)
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None and needs:
@@ -108,8 +114,12 @@ def _recipe(
                 f"this optimizer needs the params for its {' and '.join(needs)}: "
                 f"call update(grads, state, params){hint}"
             )
+        rate = learning_rate
+        if follows_batch:  # the rate of this update's batch and consumed samples
+            value = learning_rate.at_update(extra_args)
+            rate = lambda _: value  # noqa: E731
         tree = updates if params is None else params
-        return injected(tree).update(updates, state, params, **extra_args)
+        return injected(tree, rate).update(updates, state, params, **extra_args)
 
     return keep_update_dtype(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 

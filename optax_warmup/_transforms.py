@@ -16,6 +16,7 @@ import optax
 import optax.contrib
 from jax.typing import ArrayLike
 
+from optax_warmup._adascale import AdaScaleState
 from optax_warmup._plateau import PlateauAfterWarmupState
 from optax_warmup._schedule_parts import WarmupShape
 from optax_warmup._schedules import warmup_schedule
@@ -250,6 +251,8 @@ RATE_READERS: dict[type, Callable[[Any], RateReading]] = {
     ),
     optax.ScaleByZoomLinesearchState: lambda s: RateReading(factor=s.learning_rate),
     optax.ScaleByScheduleState: (lambda s: RateReading(unreadable=_SCHEDULE_NOT_KEPT)),
+    # AdaScale's rate r·η(τ) is the one its inner optimizer ran with: not searched.
+    AdaScaleState: lambda s: RateReading(rate=s.learning_rate),
 }
 
 
@@ -285,7 +288,8 @@ def current_lr(opt_state: Any) -> jax.Array:
     every recipe of this library writes its rate, and reads its
     ``learning_rate``; then multiplies in every factor it can read: that of each
     ``scale_by_warmup``, the scale of each ``reduce_on_plateau_after`` (or optax's
-    ``contrib.reduce_on_plateau``) and the step size of optax's line searches. The
+    ``contrib.reduce_on_plateau``) and the step size of optax's line searches.
+    Inside ``ow.adascale`` it reads AdaScale's own rate ``r·η(τ)``. The
     rate is returned in at least float32 (an integer rate 2 reads 2.0). States are
     found by their type, not by key: ``optax.tree.get(state, "learning_rate")``
     raises "Found multiple values" on such a state, since the schedule's own state

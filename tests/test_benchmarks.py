@@ -434,3 +434,40 @@ def test_label_smoothing_ratios_and_verdicts_come_from_the_same_rounds(capsys):
     out = capsys.readouterr().out
     assert "| 0.25 [0.25, 0.25] |" in out
     assert "memory met, vs one-hot met, vs integer not resolved |" in out
+
+
+def test_accumulation_table_has_the_control_and_a_verdict_per_claim(capsys):
+    script = _load_script("accumulation")
+    memory = {"argument_bytes": 2**20, "output_bytes": 2**20, "temp_bytes": 0}
+    compared = {
+        "control: MultiSteps / itself": _compared(1.0, 0.98, 1.03),
+        "accumulate / MultiSteps": {
+            **_compared(0.9, 0.85, 0.95),
+            "verdict": "met",
+        },
+        "norms on / off": {**_compared(1.04, 1.01, 1.07), "verdict": "not resolved"},
+        "AdaScale / plain": {**_compared(1.2, 1.1, 1.3), "verdict": "missed"},
+    }
+    script.print_table(
+        {
+            "rows": [
+                {
+                    "model": "WideMLP",
+                    "parameters": 1000,
+                    "donated": True,
+                    "micro_steps_per_update": 8,
+                    "compared_to": compared,
+                    "memory": {"multisteps": memory, "accumulate": memory},
+                }
+            ],
+            "target_ratio": 1.05,
+            "pairs": 40,
+            "load_average_1min": [0.1, 0.2],
+        }
+    )
+    out = capsys.readouterr().out
+    assert (
+        "| WideMLP (1,000) | yes | 1.000 [0.980, 1.030] | 0.900 [0.850, 0.950] met "
+        "| 1.040 [1.010, 1.070] not resolved | 1.200 [1.100, 1.300] **missed** |"
+    ) in out
+    assert "| WideMLP | yes | argument | 1.00 | 1.00 |" in out

@@ -27,7 +27,11 @@ SECTIONS: dict[str, tuple[str, str | None]] = {
     "_losses": ("Losses", "guides/label_smoothing"),
     "_initializers": ("Initializers", "guides/models"),
     "_plateau": ("Reduce on plateau", None),
-    "_noise_scale": ("Gradient noise scale", None),
+    "_noise_scale": ("Gradient noise scale", "guides/noise_scale"),
+    "_batch_schedules": ("Batch-size schedules", "guides/growing_batch"),
+    "_accumulation": ("Gradient accumulation", "guides/growing_batch"),
+    "_batch_rates": ("Rates that follow the batch", "guides/growing_batch"),
+    "_adascale": ("AdaScale", "guides/growing_batch"),
 }
 # Public submodule (a name in ``__all__``) -> its guide page.
 SUBMODULE_GUIDES: dict[str, str] = {"models": "guides/models"}
