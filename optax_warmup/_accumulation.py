@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_warmup._batch_schedules import as_batch_schedule, check_batch_schedule
@@ -22,7 +23,6 @@ from optax_warmup._validation import check_int
 
 # The extra arguments that accumulate passes to the inner optimizer's update.
 HANDED_ON = ("small_sq_norm", "big_sq_norm", "b_small", "b_big", "consumed_samples")
-_INT32_MAX = jnp.iinfo(jnp.int32).max
 
 
 class AccumulateState(NamedTuple):
@@ -30,7 +30,7 @@ class AccumulateState(NamedTuple):
 
     micro_step: jax.Array  # int32 scalar: micro-batches of the current batch so far.
     batch_size: jax.Array  # int32 scalar: the batch being accumulated (b_big).
-    consumed_samples: jax.Array  # int32 scalar: samples of the updates applied.
+    consumed_samples: jax.Array  # int32 (int64 with x64): samples of the updates.
     mean_grads: optax.Updates  # the running mean of the micro-gradients.
     sq_norm_sum: jax.Array  # scalar: Σ of the micro-gradients' |g|² so far.
     inner_state: optax.OptState
@@ -46,7 +46,15 @@ def _sq_norm(tree: Any, dtype: Any) -> jax.Array:
 
 
 def _add_saturating(count: jax.Array, n: jax.Array) -> jax.Array:
-    return jnp.where(count > _INT32_MAX - n, _INT32_MAX, count + n).astype(jnp.int32)
+    """``count + n`` for ``n >= 0`` (a negative ``n`` adds nothing), saturating."""
+    top = jnp.iinfo(count.dtype).max
+    n = jnp.maximum(n, 0).astype(count.dtype)
+    return jnp.where(count > top - n, top, count + n).astype(count.dtype)
+
+
+def _count_dtype() -> Any:
+    """int32, or int64 when ``jax_enable_x64`` is on (samples past 2**31)."""
+    return jnp.int64 if jax.config.read("jax_enable_x64") else jnp.int32
 
 
 def accumulate(
@@ -68,7 +76,8 @@ def accumulate(
       ``big_sq_norm`` :math:`= |\bar g|^2`, McCandlish et al.'s two-batch estimate
       (their appendix A.1) at no extra backward pass (only with ``sq_norms``);
     - ``b_small`` (the micro-batch) and ``b_big`` (the batch ``b``), int32;
-    - ``consumed_samples``, the samples of the updates before this one, int32;
+    - ``consumed_samples``, the samples of the updates before this one (int32,
+      int64 with x64);
 
     and the extra arguments given with that last micro-batch (``value=`` for a
     plateau schedule, say). Its updates are returned; on the other micro-batches
@@ -92,8 +101,11 @@ def accumulate(
     ``small_sq_norm == big_sq_norm``: no noise-scale estimate, which
     ``track_noise_scale`` and ``adascale`` skip). Under ``jit`` a batch that the
     micro-batch does not divide, or one < 1, cannot raise: its update is NaN (the
-    mean gradient is NaN), never a silently resized batch. The consumed samples are
-    an int32 that saturates at 2**31 - 1.
+    mean gradient is NaN), never a silently resized batch; a negative batch adds no
+    samples. The consumed samples are an int32 that saturates at 2**31 - 1 (about
+    2.1e9 samples: from there a schedule of samples stops moving); with
+    ``jax_enable_x64`` on they are an int64. A run of more samples (an LLM run of
+    trillions of tokens in sequences of 4096) needs x64.
 
     Args:
       optimizer: the inner optimizer; any ``optax.GradientTransformation``.
@@ -112,8 +124,9 @@ def accumulate(
         ``batch_size`` can return (an int, or every value of
         ``rampup_batch_size``/``step_batch_size``) is not a multiple of it; the
         message names the batch.
-      TypeError: at ``update``, an extra argument named as one that ``accumulate``
-        hands on.
+      TypeError: ``micro_batch_size`` is not an integer; at ``update``, an extra
+        argument named as one that ``accumulate`` hands on, or a ``batch_size=``
+        that is not an integer scalar.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -138,9 +151,14 @@ def accumulate(
       arXiv:1812.06162, appendix A.1; Shoeybi et al. 2019, Megatron-LM,
       arXiv:1909.08053 (batch ramp-up by consumed samples).
     """
+    if isinstance(micro_batch_size, bool) or not isinstance(
+        micro_batch_size, int | np.integer
+    ):
+        raise TypeError(
+            f"micro_batch_size must be an integer, got {micro_batch_size!r}"
+        )
     check_int("micro_batch_size", micro_batch_size, low=1)
-    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
-        raise TypeError(f"micro_batch_size must be an int, got {micro_batch_size!r}")
+    micro_batch_size = int(micro_batch_size)
     if not callable(batch_size):
         check_int("batch_size", batch_size, low=1)
         batch_size = int(batch_size)
@@ -153,7 +171,7 @@ def accumulate(
         return jnp.asarray(schedule(consumed), jnp.int32)
 
     def init_fn(params: optax.Params) -> AccumulateState:
-        consumed = jnp.zeros([], jnp.int32)
+        consumed = jnp.zeros([], _count_dtype())
         dtype = jnp.promote_types(optax.tree.dtype(params, "highest"), jnp.float32)
         return AccumulateState(
             micro_step=jnp.zeros([], jnp.int32),
@@ -174,7 +192,13 @@ def accumulate(
         first = state.micro_step == 0
         batch = state.batch_size
         if batch_size is not None:
-            batch = jnp.where(first, jnp.asarray(batch_size, jnp.int32), batch)
+            chosen = jnp.asarray(batch_size)
+            if not jnp.issubdtype(chosen.dtype, jnp.integer) or chosen.ndim:
+                raise TypeError(
+                    "update's batch_size must be an integer scalar (a float would be "
+                    f"truncated), got {batch_size!r}"
+                )
+            batch = jnp.where(first, chosen.astype(jnp.int32), batch)
         groups = batch // micro
         valid = (batch >= micro) & (batch % micro == 0)
         n = state.micro_step
@@ -260,7 +284,7 @@ def consumed_samples(opt_state: Any) -> jax.Array:
       opt_state: an optax state, or an object with an ``opt_state`` attribute.
 
     Returns:
-      An int32 scalar (saturating at 2**31 - 1).
+      An int32 scalar (saturating at 2**31 - 1), an int64 with ``jax_enable_x64``.
 
     Raises:
       ValueError: no ``AccumulateState``, or more than one (the message lists where).

@@ -56,7 +56,15 @@ class BatchScaledRate:
         ratio = jnp.asarray(batch_size, jnp.float32) / jnp.float32(self.base_batch_size)
         return ratio if self.rule == "linear" else jnp.sqrt(ratio)
 
-    def __call__(self, consumed_samples: ArrayLike, batch_size: ArrayLike) -> jax.Array:
+    def __call__(
+        self, consumed_samples: ArrayLike, batch_size: ArrayLike | None = None
+    ) -> jax.Array:
+        if batch_size is None:
+            raise TypeError(
+                "a batch_scaled_rate is a rate of the consumed samples and the batch: "
+                "give it to ow.sgd, ow.lars, ow.lamb or ow.adamw inside ow.accumulate "
+                "(an optax optimizer would call it with its step count alone)"
+            )
         rate = jnp.asarray(self.schedule(consumed_samples), jnp.float32)
         return rate * self.factor(batch_size)
 
@@ -105,9 +113,11 @@ def batch_scaled_rate(
     before it (``consumed_samples``); ``ow.current_lr`` reads the rate used.
 
     Edge cases: the rate is taken at the samples consumed *before* the update (the
-    first update uses ``η₀(0)``). Before the first update the recipe's state holds
-    ``η₀(0)`` at the base batch (factor 1), which ``ow.current_lr`` reads. The
-    schedule receives the int32 count; this library's schedules cast it to float32,
+    first update uses ``η₀(0)``); the count stops at 2**31 - 1 samples (about
+    2.1e9) unless ``jax_enable_x64`` is on (see ``ow.accumulate``). Before the first
+    update the recipe's state holds ``η₀(0)`` at the base batch (factor 1), which
+    ``ow.current_lr`` reads. The schedule receives the integer count (int32, int64
+    with x64); this library's schedules cast it to float32,
     exact up to 2**24 samples (a boundary may move by a few samples beyond). A
     recipe given this rate raises ``TypeError`` at ``update`` when it is not handed
     ``consumed_samples=`` and ``b_big=``.

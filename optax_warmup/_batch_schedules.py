@@ -36,12 +36,43 @@ class BatchSizeSchedule:
     """``consumed_samples -> batch size``: the value of the last boundary reached.
 
     ``boundaries[0] == 0`` and the boundaries do not decrease; ``batch_sizes[i]``
-    holds from ``boundaries[i]`` (included) to the next boundary (excluded).
+    holds from ``boundaries[i]`` (included) to the next boundary (excluded). Made by
+    ``rampup_batch_size`` and ``step_batch_size``; the constructor checks those rules
+    (a ``ValueError`` or ``TypeError`` naming the entry).
+
+    Example:
+      >>> import optax_warmup as ow
+      >>> schedule = ow.BatchSizeSchedule([0, 100], [32, 64])
+      >>> schedule(99), schedule(100)
+      (32, 64)
     """
 
     def __init__(self, boundaries: Sequence[int], batch_sizes: Sequence[int]):
-        self.boundaries = tuple(int(b) for b in boundaries)
-        self._values = tuple(int(v) for v in batch_sizes)
+        self.boundaries = tuple(
+            _check_positive_int(f"boundaries[{i}]", b, low=0)
+            for i, b in enumerate(boundaries)
+        )
+        self._values = tuple(
+            _check_positive_int(f"batch_sizes[{i}]", v)
+            for i, v in enumerate(batch_sizes)
+        )
+        if len(self.boundaries) != len(self._values) or not self.boundaries:
+            raise ValueError(
+                "boundaries and batch_sizes must be two non-empty sequences of one "
+                f"length, got {len(self.boundaries)} and {len(self._values)}"
+            )
+        if self.boundaries[0] != 0:
+            raise ValueError(
+                f"boundaries must start at 0 samples, got boundaries[0]="
+                f"{self.boundaries[0]}"
+            )
+        if any(
+            b > c
+            for b, c in zip(self.boundaries[:-1], self.boundaries[1:], strict=True)
+        ):
+            raise ValueError(
+                f"boundaries must not decrease, got {list(self.boundaries)}"
+            )
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -116,11 +147,13 @@ def rampup_batch_size(
 
     Edge cases: ``start_batch_size == global_batch_size`` is a constant batch (where
     Megatron divides by zero); ``rampup_samples = 0`` gives ``global_batch_size``
-    from the start. Python integers of any size give exact Python integers. Arrays
-    (``jit``, ``vmap``) of any integer dtype give int32 batch sizes, exact for every
-    count the dtype holds (int32: below 2**31 samples; boundaries beyond the dtype
-    are never reached); a negative count gives 0 under ``jit`` and raises
-    otherwise.
+    from the start; with fewer ramp samples than increments, several increments
+    start at one count and only the last is in force (``batch_sizes`` lists what
+    can be returned). Python integers of any size give exact Python integers.
+    Arrays (``jit``, ``vmap``) of any integer dtype give int32 batch sizes, exact
+    for every count below the dtype's maximum (int32: 2**31 - 1 samples), which
+    reads as a saturated counter: past every boundary. A negative count gives 0
+    under ``jit`` and raises otherwise.
 
     Args:
       start_batch_size: the first global batch (an integer >= 1).
@@ -170,9 +203,12 @@ def rampup_batch_size(
     n = span // increment
     if n == 0 or samples == 0:
         return BatchSizeSchedule([0], [final])
-    # Increment i (1..n) starts where floor(c·n/S) >= i, i.e. at c = ceil(i·S/n).
-    boundaries = [0, *(-(-i * samples // n) for i in range(1, n + 1))]
-    return BatchSizeSchedule(boundaries, [start + i * increment for i in range(n + 1)])
+    # Increment i (1..n) starts where floor(c·n/S) >= i, i.e. at c = ceil(i·S/n);
+    # where several start at one count (S < n), only the last is ever in force.
+    table = {0: start}
+    for i in range(1, n + 1):
+        table[-(-i * samples // n)] = start + i * increment
+    return BatchSizeSchedule(list(table), list(table.values()))
 
 
 def step_batch_size(batch_sizes: Mapping[int, int]) -> BatchSizeSchedule:
@@ -186,7 +222,8 @@ def step_batch_size(batch_sizes: Mapping[int, int]) -> BatchSizeSchedule:
 
     Edge cases: one entry ``{0: b}`` is a constant batch. Python integers give
     Python integers (exact at any size); arrays give int32, exact for every count
-    their dtype holds; a negative count gives 0 under ``jit`` and raises otherwise.
+    below their dtype's maximum (which reads as past every threshold); a negative
+    count gives 0 under ``jit`` and raises otherwise.
 
     Args:
       batch_sizes: a mapping from thresholds (integers >= 0, the smallest 0) to

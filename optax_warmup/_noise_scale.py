@@ -22,13 +22,14 @@ import optax
 from jax.typing import ArrayLike
 
 from optax_warmup._tree_paths import flatten, unwrap
-from optax_warmup._validation import check_int, check_real, is_traced
+from optax_warmup._validation import check_int, check_real, concrete
 
 
 def _check_sizes(b_small: Any, b_big: Any) -> None:
     check_int("b_small", b_small, low=1)
     check_int("b_big", b_big, low=1)
-    if not (is_traced(b_small) or is_traced(b_big)) and b_small >= b_big:
+    small, big = concrete(b_small), concrete(b_big)
+    if small is not None and big is not None and small >= big:
         raise ValueError(
             "b_small must be smaller than b_big (the batch of each group, then the "
             f"whole batch), got b_small={b_small!r}, b_big={b_big!r}"
@@ -448,7 +449,8 @@ def track_noise_scale(
                 raise ValueError(f"{name} must be a scalar, got shape {value.shape}")
         check_int("b_small", small_size, low=1)
         check_int("b_big", big_size, low=1)
-        if not (is_traced(small_size) or is_traced(big_size)) and big_size < small_size:
+        small_n, big_n = concrete(small_size), concrete(big_size)
+        if small_n is not None and big_n is not None and big_n < small_n:
             _check_sizes(small_size, big_size)
         # One group measures no spread: leave the state as it was.
         measured = jnp.asarray(big_size) > jnp.asarray(small_size)

@@ -292,7 +292,8 @@ def goyal_schedule(
     2) after: ``peak * decay_factor ** #{i : t >= M_i}``, at absolute epochs
        (``step_decay_schedule(peak, M, decay_factor)``).
 
-    Step 0 gives ``base_lr`` (``peak`` with ``"none"``), step ``W`` gives ``peak``, and
+    Step 0 gives ``start`` (``base_lr`` for k >= 1; ``peak`` with ``"none"``), step
+    ``W`` gives ``peak``, and
     the first step of epoch 30 gives ``peak * 0.1``. The count is the optimizer's:
     under ``optax.MultiSteps`` a step is one optimizer update, not one micro-batch.
 

@@ -221,6 +221,10 @@ class RateReading(NamedTuple):
     factor: Any = None  # a factor that the rate was multiplied by
     inner: str | None = None  # the field that holds the states below it to read
     unreadable: str | None = None  # why it scales the rate by a factor not kept
+    # Its rate is the one the states below it were given: their rates (and the
+    # schedule states that carry it, which cannot be read) are not counted; the
+    # factors below it still are.
+    shadows: bool = False
 
 
 def _injected(state: Any) -> RateReading:
@@ -251,8 +255,10 @@ RATE_READERS: dict[type, Callable[[Any], RateReading]] = {
     ),
     optax.ScaleByZoomLinesearchState: lambda s: RateReading(factor=s.learning_rate),
     optax.ScaleByScheduleState: (lambda s: RateReading(unreadable=_SCHEDULE_NOT_KEPT)),
-    # AdaScale's rate r·η(τ) is the one its inner optimizer ran with: not searched.
-    AdaScaleState: lambda s: RateReading(rate=s.learning_rate),
+    # AdaScale's rate r·η(τ) is the one its inner optimizer was given.
+    AdaScaleState: lambda s: RateReading(
+        rate=s.learning_rate, inner="inner_state", shadows=True
+    ),
 }
 
 
@@ -274,7 +280,12 @@ def _read(opt_state: Any, prefix: str = "") -> list[tuple[str, Any, RateReading]
         found.append((path, node, reading))
         if reading.inner is not None:
             inner_path = f"{path}/{reading.inner}" if path else reading.inner
-            found += _read(getattr(node, reading.inner), inner_path)
+            below = _read(getattr(node, reading.inner), inner_path)
+            if reading.shadows:
+                below = [
+                    (p, n, r._replace(rate=None, unreadable=None)) for p, n, r in below
+                ]
+            found += below
     return found
 
 
@@ -289,7 +300,9 @@ def current_lr(opt_state: Any) -> jax.Array:
     ``learning_rate``; then multiplies in every factor it can read: that of each
     ``scale_by_warmup``, the scale of each ``reduce_on_plateau_after`` (or optax's
     ``contrib.reduce_on_plateau``) and the step size of optax's line searches.
-    Inside ``ow.adascale`` it reads AdaScale's own rate ``r·η(τ)``. The
+    Inside ``ow.adascale`` it reads AdaScale's own rate ``r·η(τ)``, times the
+    factors it can read in AdaScale's inner optimizer (a ``scale_by_schedule``
+    there cannot be told from the rate AdaScale hands it, and is not read). The
     rate is returned in at least float32 (an integer rate 2 reads 2.0). States are
     found by their type, not by key: ``optax.tree.get(state, "learning_rate")``
     raises "Found multiple values" on such a state, since the schedule's own state
@@ -309,8 +322,11 @@ def current_lr(opt_state: Any) -> jax.Array:
     while ``current_lr`` still multiplies it in. Before plain SGD the two orders
     are the same.
 
-    Edge cases: right after ``init`` it is the rate the first update will use; under
-    ``optax.MultiSteps`` it changes only on the micro-batch that applies an update.
+    Edge cases: right after ``init`` it is the rate the first update will use, except
+    where that depends on the first batch: ``ow.batch_scaled_rate`` reads ``η₀(0)``
+    at the base batch and ``ow.adascale`` ``η(0)`` at a gain of 1 until their first
+    update. Under ``optax.MultiSteps`` and ``ow.accumulate`` it changes only on the
+    micro-batch that applies an update.
     It works under ``jit`` (it returns the traced value).
 
     Args:
@@ -348,7 +364,7 @@ def current_lr(opt_state: Any) -> jax.Array:
         if reading.unreadable is not None:
             raise ValueError(
                 f"current_lr cannot read the factor of {_type_name(state)} at "
-                f"{path!r}: {reading.unreadable}"
+                f"{path or '<root>'!r}: {reading.unreadable}"
             )
     rates = [(path, r.rate) for path, _, r in readings if r.rate is not None]
     if not rates:
@@ -358,7 +374,7 @@ def current_lr(opt_state: Any) -> jax.Array:
             "does) so that the rate is kept in the state"
         )
     if len(rates) > 1:
-        where = ", ".join(path for path, _ in rates)
+        where = ", ".join(path or "<root>" for path, _ in rates)
         raise ValueError(
             f"current_lr found {len(rates)} learning rates in opt_state, at {where}; "
             "pass the sub-state of the one you mean"

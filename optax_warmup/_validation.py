@@ -22,6 +22,17 @@ def is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
+def concrete(value: Any) -> float | None:
+    """The number of a concrete scalar, or None for a traced one.
+
+    Compare sizes through this, not with ``<`` on arrays: inside a trace (``jit``, a
+    ``lax.cond`` branch) a comparison of two concrete arrays is itself traced.
+    """
+    if is_traced(value):
+        return None
+    return float(np.asarray(value))
+
+
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {value!r}")

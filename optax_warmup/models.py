@@ -27,6 +27,7 @@ import inspect
 import textwrap
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -235,6 +236,19 @@ _TORCHVISION_PARAMETERS = {
 _CONVS_PER_BLOCK = {BasicBlock: 2, Bottleneck: 3}
 
 
+class _Variant(partial):  # type: ignore[type-arg]
+    """A ``functools.partial`` of ``ResNet`` whose fixed arguments stay fixed."""
+
+    def __call__(self, /, *args: Any, **keywords: Any) -> Any:
+        if "block" in keywords or "stage_sizes" in keywords or args:
+            name = getattr(self, "__name__", "this ResNet")
+            raise TypeError(
+                f"{name} fixes stage_sizes and block (use ow.models.ResNet to choose "
+                "them) and takes keyword arguments only"
+            )
+        return super().__call__(**keywords)
+
+
 def _variant(resnet: partial[ResNet]) -> partial[ResNet]:
     """Names and documents ``partial(ResNet, stage_sizes, block=block)``.
 
@@ -285,10 +299,10 @@ def _variant(resnet: partial[ResNet]) -> partial[ResNet]:
     return resnet
 
 
-ResNet18 = _variant(partial(ResNet, (2, 2, 2, 2), block=BasicBlock))
-ResNet34 = _variant(partial(ResNet, (3, 4, 6, 3), block=BasicBlock))
-ResNet50 = _variant(partial(ResNet, (3, 4, 6, 3), block=Bottleneck))
-ResNet101 = _variant(partial(ResNet, (3, 4, 23, 3), block=Bottleneck))
+ResNet18 = _variant(_Variant(ResNet, (2, 2, 2, 2), block=BasicBlock))
+ResNet34 = _variant(_Variant(ResNet, (3, 4, 6, 3), block=BasicBlock))
+ResNet50 = _variant(_Variant(ResNet, (3, 4, 6, 3), block=Bottleneck))
+ResNet101 = _variant(_Variant(ResNet, (3, 4, 23, 3), block=Bottleneck))
 
 
 def SmallResNet1D(

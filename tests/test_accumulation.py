@@ -529,3 +529,65 @@ def test_batch_scaled_rate_errors_name_the_argument():
         ow.batch_scaled_rate(0.1, base_batch_size=0)
     with pytest.raises(ValueError, match=r"learning_rate must be >= 0\.0"):
         ow.batch_scaled_rate(-0.1, base_batch_size=32)
+
+
+# --- edges found in review -----------------------------------------------------------
+
+
+def test_noise_scale_inside_accumulate_runs_without_jit():
+    tx = ow.accumulate(
+        optax.chain(ow.track_noise_scale(decay=0.0), optax.sgd(1.0)),
+        batch_size=8,
+        micro_batch_size=2,
+    )
+    params = {"w": jnp.zeros(3)}
+    eager, jitted = tx.init(params), tx.init(params)
+    step = jax.jit(tx.update)
+    for g in np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32):
+        _, eager = tx.update({"w": jnp.asarray(g)}, eager, params)
+        _, jitted = step({"w": jnp.asarray(g)}, jitted, params)
+    np.testing.assert_allclose(
+        ow.current_noise_scale(eager), ow.current_noise_scale(jitted), rtol=1e-5
+    )
+
+
+def test_counts_past_2_31_samples_with_x64():
+    with jax.enable_x64(True):
+        tx = ow.accumulate(optax.sgd(0.1), batch_size=2**30, micro_batch_size=2**30)
+        state = tx.init({"w": jnp.zeros(2)})
+        assert state.consumed_samples.dtype == jnp.int64
+        for _ in range(3):
+            _, state = tx.update({"w": jnp.ones(2)}, state)
+        assert int(ow.consumed_samples(state)) == 3 * 2**30
+
+
+def test_the_controller_batch_is_an_integer_and_a_negative_one_adds_nothing():
+    tx = ow.accumulate(optax.sgd(1.0), batch_size=4, micro_batch_size=2)
+    params = {"w": jnp.zeros(2)}
+    with pytest.raises(TypeError, match="batch_size must be an integer scalar"):
+        tx.update({"w": jnp.ones(2)}, tx.init(params), params, batch_size=7.9)
+    updates, state = jax.jit(tx.update)(
+        {"w": jnp.ones(2)}, tx.init(params), params, batch_size=-4
+    )
+    assert np.all(np.isnan(updates["w"]))
+    assert int(ow.consumed_samples(state)) == 0
+
+
+def test_numpy_integers_are_integers():
+    tx = ow.accumulate(optax.sgd(0.1), batch_size=4, micro_batch_size=np.int64(2))
+    _, state = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))
+    assert int(state.micro_step) == 1
+
+
+def test_a_ramp_with_more_increments_than_samples_is_accepted():
+    ramp = ow.rampup_batch_size(2, 1, 2, 6)  # increments start two to a count
+    assert ramp.batch_sizes == (2, 4, 6)
+    assert [ramp(c) for c in range(4)] == [2, 4, 6, 6]
+    ow.accumulate(optax.sgd(0.1), batch_size=ramp, micro_batch_size=2)
+
+
+def test_a_batch_scaled_rate_given_to_an_optax_optimizer_says_why_it_fails():
+    tx = optax.sgd(ow.batch_scaled_rate(0.1, base_batch_size=4))
+    params = {"w": jnp.zeros(2)}
+    with pytest.raises(TypeError, match=r"inside ow\.accumulate"):
+        tx.update({"w": jnp.ones(2)}, tx.init(params), params)

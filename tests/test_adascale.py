@@ -383,3 +383,53 @@ def test_equal_to_fairscale_in_float64_when_torch_is_installed(tmp_path):
     for case in result["cases"]:
         for name, diff in case["max_relative_difference"].items():
             assert diff < 1e-12, (case["name"], name, diff)
+
+
+def test_concrete_array_sizes_are_checked_and_traced_ones_compared_safely():
+    tx = ow.adascale(optax.sgd, reference_batch_size=8)(learning_rate=0.1)
+    state = tx.init({"w": jnp.zeros(2)})
+    g = {"w": jnp.zeros(2)}
+    for b_big in (jnp.int32(30), 30.0):
+        with pytest.raises(ValueError, match="b_small must divide b_big"):
+            tx.update(
+                g, state, small_sq_norm=1.0, big_sq_norm=0.0, b_small=8, b_big=b_big
+            )
+    size = jnp.int32(32)
+    fn = jax.jit(lambda a, b: ow.noise_scale_estimates(a, b, b_small=8, b_big=size))
+    np.testing.assert_allclose(fn(3.0, 1.5), (1.0, 16.0), rtol=1e-6)
+
+
+def test_current_lr_multiplies_in_factors_inside_adascale():
+    def with_warmup(learning_rate):
+        return optax.chain(optax.sgd(learning_rate), ow.scale_by_warmup(10))
+
+    tx = ow.adascale(with_warmup, reference_batch_size=1)(learning_rate=0.1)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    updates, state = tx.update(
+        {"w": jnp.ones(2)},
+        state,
+        params,
+        small_sq_norm=1.0,
+        big_sq_norm=1.0,
+        b_small=1,
+        b_big=2,
+    )
+    assert np.all(updates["w"] == 0)
+    assert float(ow.current_lr(state)) == 0.0  # warmup factor 0 at the first update
+
+
+def test_adascale_can_be_wrapped_by_inject_hyperparams():
+    tx = optax.inject_hyperparams(ow.adascale(optax.sgd, reference_batch_size=8))(
+        learning_rate=0.1
+    )
+    state = tx.init({"w": jnp.zeros(2)})
+    updates, _ = tx.update(
+        {"w": jnp.ones(2)},
+        state,
+        small_sq_norm=1.0,
+        big_sq_norm=0.0,
+        b_small=8,
+        b_big=32,
+    )
+    np.testing.assert_allclose(updates["w"], -0.4, rtol=1e-6)  # gain S = 4

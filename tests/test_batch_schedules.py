@@ -210,3 +210,24 @@ def test_ramp_errors_name_the_argument(args, error, match):
 def test_step_errors_name_the_entry(table, error, match):
     with pytest.raises(error, match=match):
         ow.step_batch_size(table)
+
+
+@pytest.mark.parametrize(
+    ("boundaries", "sizes", "match"),
+    [
+        ([10, 20], [8, 16], "must start at 0 samples, got boundaries"),
+        ([0, 5], [8], "two non-empty sequences of one length, got 2 and 1"),
+        ([0, 5, 3], [1, 2, 3], r"must not decrease, got \[0, 5, 3\]"),
+        ([0], [0], r"batch_sizes\[0\] must be an integer >= 1"),
+        ([], [], "two non-empty sequences"),
+    ],
+)
+def test_batch_size_schedule_checks_its_table(boundaries, sizes, match):
+    with pytest.raises(ValueError, match=match):
+        ow.BatchSizeSchedule(boundaries, sizes)
+
+
+def test_the_dtype_maximum_reads_as_a_saturated_count():
+    schedule = ow.rampup_batch_size(32, 32, 300, 128)
+    assert int(schedule(jnp.int8(126))) == 64
+    assert int(schedule(jnp.int8(127))) == 128  # past every boundary, as documented

@@ -639,7 +639,7 @@ def test_variants_have_real_signatures(name):
         assert inspect.getsource(fn).startswith(f"def {name}(")
     else:
         assert isinstance(fn, functools.partial) and fn.func is ResNet
-        line = rf"^{name} = _variant\(partial\(ResNet, \(.*\), block=\w+\)\)$"
+        line = rf"^{name} = _variant\(_Variant\(ResNet, \(.*\), block=\w+\)\)$"
         assert re.search(line, inspect.getsource(ow.models), re.M)
     # Every keyword of ResNet but those the variant fixes, with ResNet's defaults.
     resnet = _keywords(ResNet.__init__)
@@ -1026,3 +1026,10 @@ def test_init_report_checks_convs_against_fan_out():
     assert len(report) == 1
     assert report[0].startswith("block/conv1: conv kernel std")
     assert f"expected {math.sqrt(2 / (3 * 64)):.4g}" in report[0]
+
+
+def test_variants_keep_their_block_and_stages_fixed():
+    with pytest.raises(TypeError, match="ResNet18 fixes stage_sizes and block"):
+        ow.models.ResNet18(block=ow.models.Bottleneck, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="keyword arguments only"):
+        ow.models.ResNet50(10, rngs=nnx.Rngs(0))
