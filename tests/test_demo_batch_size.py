@@ -200,6 +200,7 @@ def test_a_killed_command_resumes_to_the_same_table(quick_run, tmp_path):
 # --- the tracked train step ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tracked_train_step_trains_as_the_plain_one():
     """Gradients per ghost BatchNorm group, averaged, give the plain step's curves."""
     rng = np.random.default_rng(0)

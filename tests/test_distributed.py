@@ -374,6 +374,7 @@ def test_demo_over_two_processes_gives_the_table_of_one(tmp_path):
     # Only process 0 wrote: one set of files, one table printed.
     assert two.stdout.count("| configuration |") == 1
     assert "Traceback" not in two.stderr
+    assert "[Gloo]" not in two.stdout + two.stderr  # gloo's line on connecting
     # The same command resumes: process 0 reads --out, the others train the same
     # remaining run.
     (tmp_path / "two/runs/gradual_warmup-seed0.json").unlink()
@@ -547,6 +548,42 @@ def test_sigint_to_the_launcher_ends_every_worker(tmp_path):
         proc.communicate()
     assert proc.returncode == 130
     assert _workers(marker, proc.pid) == []
+
+
+# Writes, on stdout, our lines around gloo's line on connecting (split over two
+# writes, as a pipe may deliver it), a gloo line that reports a missing peer, and a
+# last line without a newline; worker 1 the same, which the launcher discards.
+GLOO_WORKER = r"""
+import sys, time
+i = sys.argv[1]
+def write(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    time.sleep(0.05)
+write("ours: before\n[Gloo] Rank " + i + " is conn")
+write("ected to 1 peer ranks. Expected number of connected peer ranks is : 1\n")
+write("[Gloo] Rank " + i + " is connected to 0 peer ranks. "
+      "Expected number of connected peer ranks is : 1\n")
+write("ours: after, no newline")
+"""
+
+
+def test_the_launcher_passes_worker_0s_stdout_without_gloos_line(monkeypatch, capfd):
+    # jaxlib's gloo writes "[Gloo] Rank 0 is connected to 1 peer ranks. ..." to
+    # stdout from C++ on connecting, with no setting to turn it off.
+    monkeypatch.setattr(
+        launcher,
+        "worker_command",
+        lambda argv, port, n, i: [sys.executable, "-c", GLOO_WORKER, str(i)],
+    )
+    assert launcher.launch([], 2) == 0
+    out, _ = capfd.readouterr()
+    assert out == (
+        "ours: before\n"
+        "[Gloo] Rank 0 is connected to 0 peer ranks. "
+        "Expected number of connected peer ranks is : 1\n"
+        "ours: after, no newline"
+    )
 
 
 def test_launcher_status_of_a_killed_worker():

@@ -1,7 +1,7 @@
 """The documentation pages: their code runs, their links resolve, their copies match.
 
-The rules that the Markdown pages under docs/ (and, for links and copies, README.md and
-CHANGELOG.md) follow:
+The rules that the Markdown pages under docs/ (and, for links and copies, README.md,
+CHANGELOG.md and CONTRIBUTING.md) follow:
 
 - Every ```python block of a page runs: the blocks of one page in order, in one
   namespace, as a reader would paste them.
@@ -50,7 +50,10 @@ def _pages() -> list[pathlib.Path]:
 
 
 PAGES = _pages()
-LINKED = [*PAGES, ROOT / "README.md", ROOT / "CHANGELOG.md"]
+LINKED = [
+    *PAGES,
+    *(ROOT / name for name in ("README.md", "CHANGELOG.md", "CONTRIBUTING.md")),
+]
 
 
 @dataclasses.dataclass

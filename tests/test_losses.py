@@ -663,6 +663,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharded_inputs_over_a_device_mesh():
     env = dict(os.environ)
     env["XLA_FLAGS"] = (

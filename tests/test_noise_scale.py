@@ -298,6 +298,7 @@ def ghost_model(dtype=jnp.float32):
     )
 
 
+@pytest.mark.slow  # compiles a ResNet's gradient vmapped over its groups
 def test_ghost_batch_norm_groups_give_the_whole_batch_gradient_and_statistics():
     """vmap over the ghost BatchNorm groups: the mean of the groups' gradients and of
     their updated running statistics are those of the whole batch (float32; flax
@@ -312,7 +313,8 @@ def test_ghost_batch_norm_groups_give_the_whole_batch_gradient_and_statistics():
         loss = ow.smoothed_cross_entropy(model(x), y, alpha=0.1).mean()
         return loss, nnx.state(model, nnx.BatchStat)
 
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
+    whole = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (loss, stats), grads = whole(params, x, y)
     fn = ow.value_and_grad_by_group(loss_fn, group_size=8, has_aux=True)
     (group_loss, group_stats), group_mean, small, big = jax.jit(fn)(params, x, y)
     assert len(jax.tree.leaves(stats)) == 18  # mean and var of 9 BatchNorms
@@ -458,6 +460,7 @@ def test_current_noise_scale_errors():
 # --- Flax -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # compiles a ResNet's gradient vmapped over its groups
 def test_nnx_optimizer_gets_the_norms_through_update():
     model = ghost_model()
     tx = optax.chain(ow.track_noise_scale(8, 32), ow.goyal_sgd(**CONFIG))
@@ -580,6 +583,7 @@ np.savez(out, scales=np.asarray(scales), w=np.asarray(w),
 """
 
 
+@pytest.mark.slow
 def test_orbax_checkpoint_resumes_the_averages_in_a_fresh_process(tmp_path):
     directory = tmp_path / "checkpoint"
     run_script(CHECKPOINT_SCRIPT, "first", directory, tmp_path / "first.npz")
@@ -669,6 +673,7 @@ print("ok", single_scales)
 """
 
 
+@pytest.mark.slow
 def test_8_device_mesh_gives_the_single_device_values():
     """The batch sharded over 8 devices: vmap over groups under jit, and shard_map
     with each device's gradients as a group, match one device."""

@@ -244,8 +244,9 @@ def test_current_lr_reads_every_recipe_at_every_step(name):
         np.testing.assert_allclose(ow.current_lr(state), SCHEDULE(t), rtol=1e-6)
     multi = optax.MultiSteps(tx, every_k_schedule=2)
     state = multi.init(params)
+    update = jax.jit(multi.update)  # eager, its lax.cond compiles at every step
     for t in range(6):
-        _, state = multi.update(random_grads(params, t), state, params)
+        _, state = update(random_grads(params, t), state, params)
     np.testing.assert_allclose(ow.current_lr(state), SCHEDULE(2), rtol=1e-6)
 
 

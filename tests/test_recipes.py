@@ -368,6 +368,7 @@ np.savez(out, lrs=np.asarray(lrs), count=np.asarray(opt_state.count),
 """
 
 
+@pytest.mark.slow
 def test_orbax_checkpoint_mid_warmup_resumes_identically_in_fresh_process(tmp_path):
     directory = tmp_path / "checkpoint"
     run_script(CHECKPOINT_SCRIPT, "first", directory, tmp_path / "first.npz")
@@ -436,6 +437,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_step_on_8_device_mesh_equals_one_device():
     result = run_script(
         MESH_SCRIPT,

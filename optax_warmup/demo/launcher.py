@@ -4,7 +4,11 @@
 127.0.0.1:PORT --num-processes N --process-id I`` (a free port), in their own
 session so that Ctrl-C reaches the launcher alone. Worker 0's output is the
 command's (its stdout, its stderr with the progress bar); the others' stdout is
-discarded and their stderr kept.
+discarded and their stderr kept. Worker 0's stdout passes through the launcher,
+which drops gloo's own line on connecting (``[Gloo] Rank 0 is connected to 1 peer
+ranks. Expected number of connected peer ranks is : 1``, written by jaxlib's C++
+to stdout with no setting to turn it off); a gloo line that reports a missing
+peer passes.
 
 Faults: the launcher polls its workers every ``POLL_SECONDS``; when one exits with
 an error (or is killed), the others get ``SETTLE_SECONDS`` to exit by themselves,
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +60,55 @@ def exit_with_launcher() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+# gloo's line when a process has connected to every peer (gloo/transport/tcp/
+# context.cc, printConnectivityInfo): expected, so noise to a user.
+_GLOO_CONNECTED = re.compile(
+    rb"\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
+    rb"Expected number of connected peer ranks is : \1\r?"
+)
+_GLOO = b"[Gloo] "
+
+
+class _Stdout:
+    """Copies a worker's stdout to ours, line by line, without gloo's line on
+    connecting (``_GLOO_CONNECTED``). Text that cannot begin such a line is
+    copied at once, so a prompt without a newline is not held back."""
+
+    def __init__(self, stream: IO[bytes]):
+        self._thread = threading.Thread(target=self._copy, args=(stream,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _copy(stream: IO[bytes]) -> None:
+        pending = b""
+        while chunk := os.read(stream.fileno(), 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            kept = [
+                line + b"\n" for line in lines if not _GLOO_CONNECTED.fullmatch(line)
+            ]
+            if not _GLOO.startswith(pending[: len(_GLOO)]):
+                kept.append(pending)
+                pending = b""
+            _write_stdout(b"".join(kept))
+        if not _GLOO_CONNECTED.fullmatch(pending):
+            _write_stdout(pending)
+
+    def close(self) -> None:
+        """Waits (at most 2 s) for the copy to reach the end of the stream."""
+        self._thread.join(2.0)
+
+
+def _write_stdout(data: bytes) -> None:
+    if not data:
+        return
+    try:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except (OSError, ValueError):  # ours is closed: drain the worker's all the same
+        pass
 
 
 class _Tail:
@@ -141,30 +195,41 @@ def launch(
 ) -> int:
     """Runs ``argv`` as ``processes`` jax.distributed workers on this machine.
 
-    Worker 0's output is ours (its stdout, and its stderr with the progress bar);
-    the others' stdout is discarded and their stderr kept for the report of a
-    failure. Returns 0 when every worker succeeded, else the status of the first
-    worker to fail (128 + the signal for a killed one), after ending the others
-    and printing which worker failed with the tail of its stderr.
+    Worker 0's output is ours (its stdout without gloo's line on connecting, and
+    its stderr with the progress bar); the others' stdout is discarded and their
+    stderr kept for the report of a failure. Returns 0 when every worker
+    succeeded, else the status of the first worker to fail (128 + the signal for a
+    killed one), after ending the others and printing which worker failed with the
+    tail of its stderr.
     ``KeyboardInterrupt`` and ``SystemExit`` here end every worker, then
     propagate.
     """
     port = free_port()
-    environ = {**os.environ, **(env or {}), LAUNCHER_PID: str(os.getpid())}
+    environ = {
+        **os.environ,
+        **(env or {}),
+        LAUNCHER_PID: str(os.getpid()),
+        # Worker 0's stdout is a pipe to us: unbuffered, its lines come as printed.
+        "PYTHONUNBUFFERED": "1",
+    }
     workers: list[subprocess.Popen] = []
     tails: list[_Tail] = []
+    stdout: _Stdout | None = None
     try:
         for i in range(processes):
             w = subprocess.Popen(
                 worker_command(argv, port, processes, i),
                 env=environ,
-                stdout=None if i == 0 else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # Ctrl-C reaches the launcher only
             )
             workers.append(w)
             assert w.stderr is not None
             tails.append(_Tail(w.stderr, echo=i == 0))
+            if i == 0:
+                assert w.stdout is not None
+                stdout = _Stdout(w.stdout)
         while True:
             codes = [w.poll() for w in workers]
             failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
@@ -190,6 +255,10 @@ def launch(
         _stop_all(workers)
         raise
     finally:
+        if stdout is not None:
+            stdout.close()
+            assert workers[0].stdout is not None
+            workers[0].stdout.close()
         for w, tail in zip(workers, tails, strict=False):
             tail.close()
             if w.stderr is not None:
