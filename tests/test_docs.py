@@ -138,7 +138,24 @@ RUNNABLE = [
 ]
 
 
-@pytest.mark.parametrize("page", RUNNABLE, ids=_page_id)
+# Pages whose code compiles several models' train steps (over 5 s each on two cores).
+SLOW_PAGES = {
+    "docs/getting_started.md",
+    "docs/guides/models.md",
+    "docs/guides/noise_scale.md",
+    "docs/guides/recipes.md",
+    "docs/guides/weight_decay.md",
+}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(p, marks=pytest.mark.slow) if _page_id(p) in SLOW_PAGES else p
+        for p in RUNNABLE
+    ],
+    ids=_page_id,
+)
 def test_page_code_runs(page):
     namespace: dict = {"__name__": f"docs:{page.stem}"}
     page_blocks = blocks(page.read_text())

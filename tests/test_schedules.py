@@ -615,6 +615,7 @@ def test_wsd_phases_and_edges():
     assert float(schedule(-5)) == 0.0 and float(schedule(jnp.uint32(2**32 - 1))) == 0
 
 
+@pytest.mark.slow  # 45 eager calls per step dtype, and three vmapped sweeps
 def test_wsd_contract_jit_vmap_dtypes_and_grad():
     def make(peak=1.0, w=8, s=20, d=10):
         return ow.wsd_schedule(
