@@ -28,6 +28,7 @@ from optax_warmup.demo import flags, report, runner, store
 from optax_warmup.demo import stats as demo_stats
 from optax_warmup.demo import warmup as experiment
 from optax_warmup.demo.__main__ import main
+from optax_warmup.demo.__main__ import parse as main_parse
 from optax_warmup.demo.experiment import Run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,10 +86,12 @@ def test_quick_run_writes_every_output(quick_run):
     table = (out / "table.md").read_text()
     assert table in stdout  # the table is printed too
     assert len(table.strip().splitlines()) == 2 + len(experiment.CONFIGS)
-    # One seed: Welch's p is undefined, shown as – and said under the table.
-    for row in table.strip().splitlines()[2:]:
-        assert row.split(" | ")[5] == "–", row
-    assert "fewer than 2 seeds (undefined)" in stdout
+    # One seed a side: no 90% interval, shown as – and said under the table, and
+    # no finding shown.
+    for row in table.strip().splitlines()[3:]:
+        assert row.split(" | ")[4].endswith(" [–, –]"), row
+    assert "too few for one" in stdout
+    assert stdout.count("not shown ") == 4
     # Every run is on disk on its own, besides the report.
     names = sorted(p.name for p in (out / "runs").iterdir())
     assert names == sorted(f"{c}-seed0.json" for c in experiment.CONFIGS)
@@ -635,18 +638,105 @@ def test_summary_and_table():
     assert ref["p_value"] is None
     assert gradual["p_value"] == pytest.approx(1.0)  # the same mean
 
+    # The shift: constant − reference is {0.05, 0.03, 0.01}, thrice; 3 seeds a
+    # side at 90% give the extreme differences as the interval (k = 1).
+    assert summary["constant_warmup"]["shift_vs_reference"] == {
+        "estimate": pytest.approx(0.03),
+        "low": pytest.approx(0.01),
+        "high": pytest.approx(0.05),
+        "coverage": pytest.approx(0.9),
+        "p_value": pytest.approx(0.1),  # every pair above: 2 · 1/20
+    }
+    assert "shift_vs_reference" not in ref
+
     table = experiment.markdown_table(summary).splitlines()
     assert len(table) == 2 + 4
     assert "| 12.00 ± 2.00 |" in table[2]
     assert "(1 diverged)" in table[3]
-    assert "+3.00 ± 1.15" in table[4]
+    assert "| +3.00 [+1.00, +5.00] |" in table[4]
+    assert table[0].split(" | ")[4] == "shift vs reference (pp), 90% interval"
     assert table[0].split(" | ")[5] == "p vs reference"
     assert [row.split(" | ")[5] for row in table[2:]] == [
         "–",
-        report.p_cell(summary["no_warmup"]["p_value"]),
-        f"{constant_p:.3f}",
+        "0.100",  # no warmup: every pair above the reference
+        "0.100",
         "1.000",
     ]
+
+
+def _findings(errors: dict[str, list[float]]) -> dict[str, str]:
+    summary = experiment.summarize(_fake_runs(errors), experiment.Settings())
+    return {f.claim: f.verdict for f in experiment.findings(summary)}
+
+
+SIX_SEEDS = {
+    "reference": [0.0070, 0.0073, 0.0075, 0.0062, 0.0093, 0.0071],
+    "no_warmup": [0.0127, 0.0088, 0.0113, 0.0298, 0.0127, 0.0110],
+    "constant_warmup": [0.49, 0.49, 0.088, 0.19, 0.30, 0.20],
+    "gradual_warmup": [0.0083, 0.0092, 0.0098, 0.0082, 0.0085, 0.0090],
+}
+
+
+def test_findings_of_goyals_table_1_hold_on_six_clear_seeds():
+    verdicts = _findings(SIX_SEEDS)
+    assert list(verdicts.values()) == ["holds"] * 4
+    assert "kn with gradual warmup ends within 0.3 pp of the reference" in verdicts
+
+
+def test_a_finding_fails_when_its_interval_is_on_the_other_side():
+    errors = dict(SIX_SEEDS)
+    errors["gradual_warmup"] = [e + 0.006 for e in SIX_SEEDS["reference"]]
+    verdicts = _findings(errors)
+    assert verdicts["kn with gradual warmup ends within 0.3 pp of the reference"] == (
+        "fails"
+    )
+    # about as bad as no warmup: neither shown below it nor above it
+    assert verdicts["kn with gradual warmup ends below kn without warmup"] == (
+        "not shown"
+    )
+
+
+def test_how_far_one_seed_lands_cannot_move_a_finding_with_six_seeds():
+    # The worst gradual-warmup seed lands on a bad minimum, at 5% or at 50%: with
+    # 6 seeds its differences are beyond both ends of every interval, so the
+    # intervals and verdicts are the same; with 5 the far seed's own difference
+    # is an end, which grows with it.
+    def shifts(errors):
+        summary = experiment.summarize(_fake_runs(errors), experiment.Settings())
+        return [(f.verdict, f.shift) for f in experiment.findings(summary)]
+
+    def with_far_seed(far, seeds):
+        gradual = [*SIX_SEEDS["gradual_warmup"][:2], far, 0.0082, 0.0085, 0.0090]
+        return {
+            **{k: v[:seeds] for k, v in SIX_SEEDS.items()},
+            "gradual_warmup": gradual[:seeds],
+        }
+
+    assert shifts(with_far_seed(0.05, 6)) == shifts(with_far_seed(0.5, 6))
+    five = [shifts(with_far_seed(far, 5))[2][1].high for far in (0.05, 0.5)]
+    assert five[1] > five[0] > experiment.TOLERANCE
+    assert shifts(with_far_seed(0.05, 6))[2][1].high < experiment.TOLERANCE
+
+
+def test_findings_need_enough_seeds_and_their_configurations():
+    two = {k: v[:2] for k, v in SIX_SEEDS.items()}
+    assert set(_findings(two).values()) == {"not shown"}  # no 90% interval
+    only = {k: SIX_SEEDS[k] for k in ("reference", "no_warmup")}
+    assert list(_findings(only)) == ["kn without warmup ends above the reference"]
+
+
+def test_notes_print_the_verdicts():
+    summary = experiment.summarize(_fake_runs(SIX_SEEDS), experiment.Settings())
+    lines = experiment.notes(summary)
+    assert "Mann–Whitney" in lines[0]
+    assert lines[1].startswith("Goyal et al.'s Table 1 on these seeds")
+    assert [line.split()[0] for line in lines[2:]] == ["holds"] * 4
+
+
+def test_the_default_run_has_the_seeds_its_findings_need():
+    assert experiment.EXPERIMENT.seeds == 6
+    assert main_parse([])[1].seeds == 6
+    assert main_parse(["--quick"])[1].seeds == 1
 
 
 def test_peak_rate_is_the_linear_scaling_rule():

@@ -10,7 +10,12 @@ import math
 import numpy as np
 import pytest
 
-from optax_warmup.demo.stats import count_to_target, fit_critical_batch
+from optax_warmup.demo.stats import (
+    _mann_whitney_null,
+    count_to_target,
+    fit_critical_batch,
+    shift,
+)
 
 # --- count_to_target ----------------------------------------------------------------
 
@@ -171,3 +176,96 @@ def test_fit_bad_input_names_the_argument(steps, examples, argument):
 def test_fit_refuses_a_curve_of_fewer_than_two_points():
     with pytest.raises(ValueError, match=r"^curve_points "):
         fit_critical_batch([100.0, 50.0], [3200.0, 6400.0], curve_points=1)
+
+
+# --- the shift of one sample over another --------------------------------------------
+
+
+def _exact_p(a, b):
+    from scipy import stats as scipy_stats
+
+    return scipy_stats.mannwhitneyu(a, b, method="exact").pvalue
+
+
+@pytest.mark.parametrize("m,n", [(1, 1), (3, 3), (5, 5), (6, 6), (4, 7), (9, 2)])
+def test_shift_p_value_is_scipys_exact_mann_whitney(m, n):
+    rng = np.random.default_rng(m * 10 + n)
+    for _ in range(5):
+        a, b = rng.normal(size=m), rng.normal(size=n) + 0.7
+        assert shift(a, b).p_value == pytest.approx(_exact_p(a, b), rel=1e-12)
+
+
+def test_shift_null_counts_every_ordering_once():
+    for m, n in [(1, 4), (3, 3), (6, 6), (5, 8)]:
+        counts = _mann_whitney_null(m, n)
+        assert len(counts) == m * n + 1
+        assert sum(counts) == math.comb(m + n, m)
+        assert counts == counts[::-1]  # U and mn − U are equally likely
+
+
+def test_shift_interval_is_the_order_statistics_of_the_differences():
+    a, b = [1.2, 1.3, 1.0, 1.5, 1.1], [0.8, 0.7, 0.9, 0.75, 0.85]
+    d = np.sort(np.subtract.outer(a, b).ravel())
+    r = shift(a, b, confidence=0.9)
+    # 5 against 5: P(U ≤ 4) = 12/252 ≤ 0.05 < P(U ≤ 5) = 19/252, so k = 5.
+    assert (r.low, r.high) == (d[4], d[20])
+    assert r.coverage == pytest.approx(1 - 2 * 12 / 252)
+    assert r.estimate == np.median(d)
+    wider = shift(a, b, confidence=0.99)
+    assert wider.low < r.low and wider.high > r.high
+
+
+def test_shift_interval_covers_a_heavy_tailed_shift_as_promised():
+    # Distribution-free: a Cauchy noise (diverging seeds, say) keeps the coverage.
+    rng = np.random.default_rng(0)
+    trials, true_shift = 2000, 0.3
+    covered = 0
+    for _ in range(trials):
+        a = rng.standard_cauchy(6) + true_shift
+        b = rng.standard_cauchy(6)
+        r = shift(a, b)
+        covered += r.low <= true_shift <= r.high
+    coverage = shift(np.zeros(6) + 1, np.arange(6.0)).coverage
+    assert coverage == pytest.approx(1 - 2 * 43 / 924)  # P(U ≤ 7) for 6 and 6
+    assert abs(covered / trials - coverage) < 3 * math.sqrt(0.1 * 0.9 / trials)
+
+
+def test_one_far_seed_moves_the_interval_with_5_seeds_but_not_with_6():
+    # How far one bad seed lands moves an end of the interval when that end is
+    # one of its differences: with 5 seeds a side at 90% (k = 5, the upper end
+    # d_(21) of 25) it is; with 6 (k = 8, d_(29) of 36) its 6 differences are
+    # the 6 largest and both ends are other seeds' differences.
+    ref = [0.70, 0.72, 0.74, 0.76, 0.78, 0.80]
+    good = [0.80, 0.82, 0.84, 0.86, 0.88]
+    six = [shift([*good, far], ref) for far in (1.5, 5.0)]
+    assert six[0][1:] == six[1][1:]  # the interval, its coverage and p
+    five = [shift([*good[:4], far], ref[:5]) for far in (1.5, 5.0)]
+    assert five[1].high > five[0].high
+
+
+def test_shift_too_few_seeds_gives_the_infinite_interval():
+    r = shift([1.0, 2.0], [0.0, 0.5])  # the most extreme ordering: 1/6 > 0.05
+    assert (r.low, r.high, r.coverage) == (-math.inf, math.inf, 1.0)
+    assert r.estimate == pytest.approx(1.25)
+    assert r.p_value == pytest.approx(1 / 3)
+
+
+def test_shift_ties_count_one_half():
+    r = shift([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    assert r.estimate == 0.0 and r.p_value == 1.0
+    assert shift([0.2, 0.2, 0.2], [0.1, 0.1, 0.1]).p_value == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "a,b,kwargs,argument",
+    [
+        ([], [1.0], {}, "a"),
+        ([1.0], [math.nan], {}, "b"),
+        ([[1.0, 2.0]], [1.0], {}, "a"),
+        ([1.0], [2.0], {"confidence": 1.0}, "confidence"),
+        ([1.0], [2.0], {"confidence": 0}, "confidence"),
+    ],
+)
+def test_shift_bad_input_names_the_argument(a, b, kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        shift(a, b, **kwargs)

@@ -22,7 +22,8 @@ Modules:
     ``launcher``: ``--processes N`` on this machine, and its faults.
   ``store``: ``--out``: each finished run written at once and atomically; resume.
   ``stats``: the statistics (Goyal's final error, mean ± std, Welch's t-test
-    against the reference, steps to a target, McCandlish et al.'s critical batch).
+    against the reference, the shift with its distribution-free interval, steps to
+    a target, McCandlish et al.'s critical batch).
   ``report``: the report's table cells and its figures' frame.
   ``data``: MNIST-1D, generated locally and cached.
 """

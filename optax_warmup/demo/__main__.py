@@ -11,7 +11,7 @@ The default experiment, ``warmup``, is Goyal et al.'s Table 1 on MNIST-1D (see
 ``optax_warmup.demo.warmup``). Outputs in ``--out`` (default
 ``./optax_warmup_demo/``): ``results.json`` (settings, every run's per-epoch curves,
 the summary and the published anchors), ``table.md`` (final test error, mean ± std
-over seeds, per configuration, with the gap to the reference and Welch's p),
+over seeds, per configuration, with the shift from the reference, its interval and p),
 ``training_error.png``, ``lr_schedules.png``, and ``settings.json`` and ``runs/``
 (one file per finished run: the same command resumes from them). ``--help`` lists
 the flags; ``--quick`` is a smoke run of about a minute.
@@ -85,7 +85,12 @@ def parser(experiment: Experiment[Any]) -> argparse.ArgumentParser:
         default=DEFAULT_EXPERIMENT,
         help="which experiment to run",
     )
-    a("--seeds", type=int, default=3, help="seeds per configuration (0, 1, ...)")
+    a(
+        "--seeds",
+        type=int,
+        default=experiment.seeds,
+        help="seeds per configuration (0, 1, ...)",
+    )
     a(
         "--samples",
         type=int,

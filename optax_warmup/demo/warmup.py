@@ -14,8 +14,10 @@ that skips BatchNorm parameters and biases), ``ow.smoothed_cross_entropy``, zero
 initialization, and BatchNorm statistics over groups of n examples inside the large
 batch (ghost BatchNorm), as Goyal's workers computed them.
 
-The report: the final test error per configuration (mean ± std over seeds, the gap
-to the reference and Welch's p) laid out like Goyal's Table 1,
+The report: the final test error per configuration (mean ± std over seeds, and its
+shift from the reference with a 90% interval and a p-value) laid out like Goyal's
+Table 1, Goyal's four findings from that table, each tested on the seeds
+(``findings``),
 ``training_error.png`` (the training error per epoch of each large-batch
 configuration against the reference, their Figure 2 layout) and
 ``lr_schedules.png`` (every configuration's learning-rate schedule, whole and its
@@ -72,6 +74,15 @@ CONFIGS: dict[str, Config] = {
     "gradual_warmup": Config("large", "gradual", "kn, gradual warmup"),
 }
 REFERENCE = "reference"
+
+# What the report claims, fixed before any run. Each finding of Goyal's Table 1 is
+# tested with the distribution-free interval of ``stats.shift`` at CONFIDENCE, and
+# "gradual warmup holds the reference's error" means that the interval of its shift
+# from the reference ends below TOLERANCE (Goyal: 23.74 against 23.60, "within
+# 0.14%" of an error 30 times ours; here an error near 0.8% and 0.3 percentage
+# points, somewhat below the typical cost of no warmup).
+CONFIDENCE = 0.9
+TOLERANCE = 0.003
 
 ANCHORS = {
     "goyal_2017_table_1": {
@@ -250,7 +261,10 @@ def summarize(results: Sequence[Result], settings: Settings) -> Summary:
 
     Each configuration's final errors are compared with the reference's: the gap
     of the means, its standard error and Welch's two-sided p-value (None for the
-    reference itself and with a single seed).
+    reference itself and with a single seed), and ``shift_vs_reference``, the
+    ``stats.shift`` of its errors over the reference's at ``CONFIDENCE`` (a
+    ``Shift`` as a dict; absent for the reference). ``findings(summary)`` reads
+    the shifts between the other configurations from ``test_errors``.
     """
     summary: Summary = {}
     for name, config in CONFIGS.items():
@@ -278,7 +292,109 @@ def summarize(results: Sequence[Result], settings: Settings) -> Summary:
             s.update(stats.versus_reference(s["test_errors"], reference))
             if name == REFERENCE:
                 s["p_value"] = None
+            else:
+                s["shift_vs_reference"] = _shift(s, summary[REFERENCE])._asdict()
     return summary
+
+
+def _shift(a: dict[str, Any], b: dict[str, Any]) -> stats.Shift:
+    """The shift of configuration ``a``'s final errors over ``b``'s."""
+    return stats.shift(a["test_errors"], b["test_errors"], confidence=CONFIDENCE)
+
+
+class Finding(NamedTuple):
+    """One finding of Goyal's Table 1, tested on this run's seeds.
+
+    Attributes:
+      claim: the finding, e.g. ``"kn without warmup ends above the reference"``.
+      goyal: Goyal's numbers for it (top-1 error %, ResNet-50, kn = 8k).
+      verdict: ``"holds"`` (the interval of the shift is on the finding's side of
+        its bound), ``"fails"`` (on the other side) or ``"not shown"`` (across the
+        bound, or the seeds are too few for an interval at ``CONFIDENCE``).
+      shift: the shift (``stats.Shift``) that decides it.
+    """
+
+    claim: str
+    goyal: str
+    verdict: str
+    shift: stats.Shift
+
+
+def _verdict(shift: stats.Shift, below: bool, bound: float) -> str:
+    """Whether the interval lies below (or above) ``bound``, across, or beyond."""
+    low, high = (shift.low, shift.high) if below else (-shift.high, -shift.low)
+    bound = bound if below else -bound
+    if high < bound:
+        return "holds"
+    return "fails" if low >= bound else "not shown"
+
+
+def findings(summary: Summary) -> list[Finding]:
+    """Goyal's four findings of Table 1, each decided by a shift's interval.
+
+    With ``shift(a, b)`` the ``stats.shift`` of configuration a's final errors over
+    b's, at ``CONFIDENCE``, each finding holds when the interval
+    ``[low, high]`` lies on its side of the bound:
+
+    1. no warmup ends above the reference: ``shift(no_warmup, reference).low > 0``;
+    2. constant warmup ends above no warmup: ``shift(constant, no_warmup).low > 0``;
+    3. gradual warmup ends within ``TOLERANCE`` of the reference:
+       ``shift(gradual, reference).high < TOLERANCE``;
+    4. gradual warmup ends below no warmup: ``shift(gradual, no_warmup).high < 0``.
+
+    A finding fails when its interval lies wholly on the other side of the bound,
+    and is not shown otherwise. A finding whose configurations are missing from
+    ``summary`` is left out.
+
+    Why 6 seeds by default: each interval is a pair of order statistics of the 36
+    differences between two configurations' seeds, the 7 most extreme on either
+    side left out at 90% (``stats.shift``). A seed far from the others (one that
+    diverges, or lands on a bad minimum) has its 6 differences among the most
+    extreme, so both ends are other seeds' differences, however far it lands.
+    With 5 seeds a side (the 4 most extreme of 25 left out) its own difference is
+    an end; with 3 (none left out) the ends are the extreme differences.
+    """
+    tests = [
+        (
+            "no_warmup",
+            REFERENCE,
+            False,
+            0.0,
+            "kn without warmup ends above the reference",
+            "24.84 ± 0.37 against 23.60 ± 0.12",
+        ),
+        (
+            "constant_warmup",
+            "no_warmup",
+            False,
+            0.0,
+            "kn with constant warmup ends above kn without warmup",
+            "25.88 ± 0.56 against 24.84 ± 0.37",
+        ),
+        (
+            "gradual_warmup",
+            REFERENCE,
+            True,
+            TOLERANCE,
+            "kn with gradual warmup ends "
+            f"within {100 * TOLERANCE:g} pp of the reference",
+            "23.74 ± 0.09 against 23.60 ± 0.12",
+        ),
+        (
+            "gradual_warmup",
+            "no_warmup",
+            True,
+            0.0,
+            "kn with gradual warmup ends below kn without warmup",
+            "23.74 ± 0.09 against 24.84 ± 0.37",
+        ),
+    ]
+    out = []
+    for a, b, below, bound, claim, goyal in tests:
+        if a in summary and b in summary:
+            shift = _shift(summary[a], summary[b])
+            out.append(Finding(claim, goyal, _verdict(shift, below, bound), shift))
+    return out
 
 
 def markdown_table(summary: Summary) -> str:
@@ -288,15 +404,16 @@ def markdown_table(summary: Summary) -> str:
         "batch",
         "peak η",
         "test error (%)",
-        "Δ vs reference (pp)",
+        f"shift vs reference (pp), {CONFIDENCE:.0%} interval",
         "p vs reference",
         "train error (%)",
     ]
     rows = []
-    for name, s in summary.items():
-        gap = "–"
-        if name != REFERENCE and "gap_vs_reference" in s:
-            gap = report.gap_cell(s["gap_vs_reference"], s["gap_standard_error"])
+    for s in summary.values():
+        gap, p = "–", None
+        if "shift_vs_reference" in s:
+            shift = stats.Shift(**s["shift_vs_reference"])
+            gap, p = _shift_cell(shift), shift.p_value
         diverged = f" ({s['diverged_runs']} diverged)" if s["diverged_runs"] else ""
         rows.append(
             [
@@ -305,17 +422,40 @@ def markdown_table(summary: Summary) -> str:
                 f"{s['peak_lr']:.4g}",
                 report.percent_pm(s["test_error_mean"], s["test_error_std"]),
                 gap,
-                report.p_cell(s.get("p_value")),
+                report.p_cell(p),
                 report.percent_pm(s["train_error_mean"], s["train_error_std"]),
             ]
         )
     return report.markdown_table(header, rows)
 
 
+def _shift_cell(shift: stats.Shift) -> str:
+    """``+0.40 [+0.25, +0.55]``: the shift and its interval in percentage points."""
+    ends = ", ".join(
+        "–" if not np.isfinite(end) else f"{100 * end:+.2f}"
+        for end in (shift.low, shift.high)
+    )
+    return f"{100 * shift.estimate:+.2f} [{ends}]"
+
+
 def notes(summary: Summary) -> list[str]:
-    """The line that says what the p column is."""
-    others = [s.get("p_value") for k, s in summary.items() if k != REFERENCE]
-    return [report.p_value_note(others)]
+    """What the shift and p columns are, then Goyal's findings and their verdicts."""
+    lines = [
+        "shift: the median of the differences between the configuration's seeds and "
+        f"the reference's (Hodges–Lehmann), with its distribution-free "
+        f"{CONFIDENCE:.0%} interval (– where the seeds are too few for one); p: "
+        "two-sided exact Mann–Whitney test of no shift",
+    ]
+    found = findings(summary)
+    if found:
+        lines.append(
+            f"Goyal et al.'s Table 1 on these seeds (shift, {CONFIDENCE:.0%} interval):"
+        )
+        lines += [
+            f"  {f.verdict:9}  {f.claim}: {_shift_cell(f.shift)} pp (Goyal: {f.goyal})"
+            for f in found
+        ]
+    return lines
 
 
 COLORS = {
@@ -429,4 +569,5 @@ EXPERIMENT = Experiment(
     table=markdown_table,
     notes=notes,
     figures=plot,
+    seeds=6,
 )
