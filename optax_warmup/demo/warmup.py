@@ -354,6 +354,8 @@ def findings(summary: Summary) -> list[Finding]:
     With 5 seeds a side (the 4 most extreme of 25 left out) its own difference is
     an end; with 3 (none left out) the ends are the extreme differences.
     """
+    # (a, b, whether the finding is shift(a, b) below the bound, bound, claim,
+    # Goyal's numbers)
     tests = [
         (
             "no_warmup",
