@@ -19,7 +19,7 @@ inner update copies the inner state (the momentum) each micro-step, which
 MultiSteps' masked update does not; with it, MultiSteps copies and this does not.
 MultiSteps against itself is the control. Two models: the demo's ``SmallResNet1D``
 (ghost BatchNorm over the micro-batch), where the backward pass dominates, and a
-wide MLP of about 2.4M parameters, where the optimizer's per-parameter work shows
+wide MLP of about 1.3M parameters, where the optimizer's per-parameter work shows
 (MultiSteps runs the inner update at every micro-step).
 
 Run ``python benchmarks/accumulation.py`` (``--quick`` for a smoke run).
