@@ -536,7 +536,7 @@ def from_flags(args: argparse.Namespace) -> Settings:
     )
 
 
-_FLAG_OF = {"momentum": "--momentum", "learning_rate": "--lr"}
+_FLAG_OF = {"learning_rate": "--lr"}
 
 
 def check(settings: Settings, data: Arrays, devices: int) -> None:
@@ -912,7 +912,11 @@ def plot(results: Sequence[Result], settings: Settings, out: Path) -> list[Path]
             else:
                 ax.set_title(f"target {100 * fit['target']:.2f}%: no fit", fontsize=9)
             ax.set(xscale="log", yscale="log", xlabel="examples E", ylabel="steps S")
-        axes[0][-1].legend(fontsize=6)
+        handles = {}
+        for ax in axes[0]:
+            for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(name, handle)
+        axes[0][0].legend(handles.values(), handles.keys(), fontsize=6)
 
     # 2. The batch, the rate and B_simple along the first seed's runs.
     seed = min((r["seed"] for r in results), default=0)
