@@ -597,55 +597,22 @@ def _median(values: Sequence[float | None]) -> float | None:
     return median if math.isfinite(median) else None
 
 
-def _fit(points: list[tuple[float, float]]) -> stats.CriticalBatch | None:
-    batches = {round(e / s, 6) for s, e in points}
-    if len(batches) < 2:
-        return None
-    steps, examples = zip(*points, strict=True)
-    return stats.fit_critical_batch(steps, examples)
-
-
 def critical_batch(
     results: Sequence[Result], settings: Settings, target: float
 ) -> dict[str, Any]:
     """McCandlish et al.'s fit over the fixed-batch runs that reach ``target``,
-    pooled and per seed, and B_simple over the same stretch of those runs."""
+    pooled and per seed, and B_simple over the same stretch of those runs
+    (``stats.critical_batch_vs_noise_scale``)."""
     fixed = [r for r in results if r["kind"] == "fixed" and not r["diverged"]]
-    points, per_seed = [], {}
-    for seed in sorted({r["seed"] for r in fixed}):
-        mine = [r for r in fixed if r["seed"] == seed]
-        pairs = [_to_target(r, target) for r in mine]
-        seed_points = [(s, e) for s, e in pairs if s is not None and e is not None]
-        points += seed_points
-        scales = [
-            stretch_noise_scale(r, target)
-            for r in mine
-            if batch_of(r["config"]) != settings.small_batch
-        ]
-        measured = [b for b in scales if b is not None]
-        fit = _fit(seed_points)
-        b_simple = float(np.mean(measured)) if measured else None
-        per_seed[str(seed)] = {
-            "b_crit": fit.b_crit if fit else None,
-            "b_simple": b_simple,
-            "ratio": b_simple / fit.b_crit if fit and b_simple else None,
-        }
-    fit = _fit(points)
-    ratios = [v["ratio"] for v in per_seed.values() if v["ratio"] is not None]
-    b_simples = [v["b_simple"] for v in per_seed.values() if v["b_simple"]]
-    out: dict[str, Any] = {
-        "target": target,
-        "points": [[s, e] for s, e in points],
-        "batches_reached": sorted({round(e / s) for s, e in points}),
-        "per_seed": per_seed,
-        "b_simple": float(np.mean(b_simples)) if b_simples else None,
-        "b_simple_std": stats.mean_std(b_simples)[1] if b_simples else None,
-        "ratio_mean": stats.mean_std(ratios)[0] if ratios else None,
-        "ratio_std": stats.mean_std(ratios)[1] if ratios else None,
-    }
-    if fit is not None:
-        out.update(fit._asdict())
-    return out
+    points: dict[int, list[tuple[float, float]]] = {}
+    scales: dict[int, list[float | None]] = {}
+    for run in fixed:
+        steps, examples = _to_target(run, target)
+        if steps is not None and examples is not None:
+            points.setdefault(run["seed"], []).append((steps, examples))
+        if batch_of(run["config"]) != settings.small_batch:
+            scales.setdefault(run["seed"], []).append(stretch_noise_scale(run, target))
+    return {"target": target, **stats.critical_batch_vs_noise_scale(points, scales)}
 
 
 def summarize(results: Sequence[Result], settings: Settings) -> Summary:
