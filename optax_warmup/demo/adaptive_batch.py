@@ -375,11 +375,8 @@ def train_run(
         step_key=(settings, config, n_train),
     )
     curve = out.pop("curve")
-    examples = np.diff(np.asarray([0, *curve["examples"]]))
-    updates = np.diff(np.asarray([0, *curve["updates"]]))
-    curve["batch"] = [
-        float(e / u) if u else None for e, u in zip(examples, updates, strict=True)
-    ]
+    for name in ("g2", "trace_sigma"):  # the last update's: their sums are kept
+        del curve[name]
     return {
         "config": config,
         "kind": kind,

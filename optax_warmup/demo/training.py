@@ -374,7 +374,8 @@ def train_accumulated(
 
     - the **curve**: after the first update that completes each
       ``1/evals_per_epoch`` of an epoch of examples: the updates and examples so
-      far, the test error and each of ``reads`` (as of that update), and, for each
+      far, the batch of that update, the test error and each of ``reads`` (as of
+      that update), and, for each
       name of ``sums``, the sum of that read over the updates since the previous
       point (per-update estimates summed over the stretch);
     - the **epochs**: each time ``progress`` passes a whole number of epochs (the
@@ -404,7 +405,7 @@ def train_accumulated(
 
     Returns:
       ``updates``, ``examples``, ``diverged``, ``seconds``, ``curve`` (a dict of
-      lists: ``updates``, ``examples``, ``test_error``, each read, each
+      lists: ``updates``, ``examples``, ``batch``, ``test_error``, each read, each
       ``<name>_sum``) and per-epoch lists ``train_loss``, ``train_error`` (means
       over the epoch's micro-batches), ``test_error``, ``epoch_updates`` and
       ``epoch_examples``. A run whose loss turns non-finite stops at the next
@@ -443,7 +444,7 @@ def train_accumulated(
 
     rng = np.random.default_rng(seed)
     curve: dict[str, list] = {
-        k: [] for k in ("updates", "examples", "test_error", *reads)
+        k: [] for k in ("updates", "examples", "batch", "test_error", *reads)
     }
     curve.update({f"{name}_sum": [] for name in sums})
     stretch = dict.fromkeys(sums, 0.0)
@@ -471,6 +472,7 @@ def train_accumulated(
         if int(status["micro_step"]) != 0:  # still accumulating the update
             continue
         updates += 1
+        batch = int(status["consumed"]) - consumed
         consumed = int(status["consumed"])
         values = {name: float(status[name]) for name in reads}
         for name in sums:
@@ -479,6 +481,7 @@ def train_accumulated(
             error = test_error()
             curve["updates"].append(updates)
             curve["examples"].append(consumed)
+            curve["batch"].append(batch)
             curve["test_error"].append(error)
             for name in reads:
                 curve[name].append(values[name])
