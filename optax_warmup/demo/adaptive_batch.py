@@ -90,6 +90,18 @@ LABELS = {
     "noise": "noise-driven",
 }
 
+
+def kind_of(config: str) -> str:
+    """``"fixed"`` of ``"fixed-256"``, ``"smith"`` of ``"smith"``."""
+    return config.split("-", 1)[0]
+
+
+def batch_of(config: str) -> int | None:
+    """The constant batch of ``fixed-<kn>`` and ``adascale-<kn>``, else None."""
+    batch = config.partition("-")[2]
+    return int(batch) if batch else None
+
+
 ANCHORS = {
     "mccandlish_2018": {
         "what": "the critical batch from the steps/examples trade-off to a target",
@@ -111,17 +123,6 @@ ANCHORS = {
         "claim": "43% fewer gradient steps at a slightly better loss",
     },
 }
-
-
-def kind_of(config: str) -> str:
-    """``"fixed"`` of ``"fixed-256"``, ``"smith"`` of ``"smith"``."""
-    return config.split("-", 1)[0]
-
-
-def batch_of(config: str) -> int | None:
-    """The constant batch of ``fixed-<kn>`` and ``adascale-<kn>``, else None."""
-    batch = config.partition("-")[2]
-    return int(batch) if batch else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +225,10 @@ class Settings:
     def recipe(self, config: str, n_train: int) -> optax.GradientTransformation:
         """The optimizer of one update (inside ``accumulate``)."""
         kind, n = kind_of(config), self.small_batch
-        sgd = {"momentum": self.momentum, "weight_decay": self.weight_decay}
+        sgd: dict[str, Any] = {
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+        }
         if kind == "fixed":
             batch = batch_of(config)
             assert batch is not None
@@ -649,15 +653,14 @@ def summarize(results: Sequence[Result], settings: Settings) -> Summary:
         rows[config] = row
     best = _best_fixed(rows)
     for row in rows.values():
+        row["steps_ratio"] = row["examples_ratio"] = None
         steps, examples = (
             row.get("steps_to_reference"),
             row.get("examples_to_reference"),
         )
-        ok = best is not None and steps is not None and examples is not None
-        row["steps_ratio"] = steps / rows[best]["steps_to_reference"] if ok else None
-        row["examples_ratio"] = (
-            examples / rows[best]["examples_to_reference"] if ok else None
-        )
+        if best is not None and steps is not None and examples is not None:
+            row["steps_ratio"] = steps / rows[best]["steps_to_reference"]
+            row["examples_ratio"] = examples / rows[best]["examples_to_reference"]
     targets = list(settings.target_errors)
     if ref_target is not None:
         targets.append(ref_target)
@@ -876,7 +879,7 @@ def plot(results: Sequence[Result], settings: Settings, out: Path) -> list[Path]
             else:
                 ax.set_title(f"target {100 * fit['target']:.2f}%: no fit", fontsize=9)
             ax.set(xscale="log", yscale="log", xlabel="examples E", ylabel="steps S")
-        handles = {}
+        handles: dict[str, Any] = {}
         for ax in axes[0]:
             for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
                 handles.setdefault(name, handle)
@@ -889,7 +892,7 @@ def plot(results: Sequence[Result], settings: Settings, out: Path) -> list[Path]
         for config, run in firsts.items():
             curve = run["curve"]
             epochs = np.asarray(curve["examples"], float) / run["train_examples"]
-            style = {"color": colors[config], "label": label(config)}
+            style: dict[str, Any] = {"color": colors[config], "label": label(config)}
             if kind_of(config) != "fixed":
                 style["linewidth"] = 2
             axes[0].step(epochs, _nan(curve["batch"]), where="pre", **style)

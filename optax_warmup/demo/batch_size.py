@@ -412,7 +412,7 @@ def training_noise_scale(run: Result, epochs: int | None = None) -> float | None
     """A run's B_simple averaged over training, ``Σ tr Σ / Σ |G|²`` over epochs (the
     first ``epochs`` of them: the stretch up to a target)."""
     g2, trace = run.get("g2"), run.get("trace_sigma")
-    if not g2:
+    if not g2 or not trace:
         return None
     g2_sum = float(np.sum(np.asarray(g2[:epochs], np.float64)))
     trace_sum = float(np.sum(np.asarray(trace[:epochs], np.float64)))

@@ -12,7 +12,7 @@ several fixed batches (``fit_critical_batch``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -300,8 +300,8 @@ def _fit_or_none(points: Sequence[tuple[float, float]]) -> CriticalBatch | None:
 
 
 def critical_batch_vs_noise_scale(
-    points: dict[Any, Sequence[tuple[float, float]]],
-    noise_scales: dict[Any, Sequence[float | None]],
+    points: Mapping[Any, Sequence[tuple[float, float]]],
+    noise_scales: Mapping[Any, Sequence[float | None]],
 ) -> dict[str, Any]:
     """McCandlish et al.'s comparison: B_crit fitted to the (steps, examples) to a
     target, against B_simple averaged over the same stretch of training.

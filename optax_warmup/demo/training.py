@@ -16,7 +16,7 @@ the batch; ``run_result`` makes its result of the curves.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -425,7 +425,8 @@ def train_accumulated(
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     model.train()
-    train_def, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    train_def, *states = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, stats = states
     model.eval()
     eval_def = nnx.graphdef(model)
     micro_step, errors = _micro_steps(
@@ -457,7 +458,7 @@ def train_accumulated(
     updates, consumed, diverged = 0, 0, False
     next_point = 1
     epoch = 0
-    batches = iter(())  # type: ignore[var-annotated]
+    batches: Iterator[np.ndarray] = iter(())
     while epoch < epochs:
         idx = next(batches, None)
         if idx is None:
