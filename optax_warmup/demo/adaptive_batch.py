@@ -664,6 +664,12 @@ def summarize(results: Sequence[Result], settings: Settings) -> Summary:
     targets = list(settings.target_errors)
     if ref_target is not None:
         targets.append(ref_target)
+    for config, runs in by_config.items():  # steps and examples to every target
+        counts = [[_to_target(r, t) for r in runs] for t in targets]
+        rows[config]["to_targets"] = [
+            [t, _median([s for s, _ in c]), _median([e for _, e in c])]
+            for t, c in zip(targets, counts, strict=True)
+        ]
     analysis = {
         "reference_error": ref_target,
         "best_fixed": best,
@@ -786,10 +792,21 @@ def markdown_table(summary: Summary) -> str:
         "B_simple (same stretch)",
         "B_simple / B_crit",
     ]
-    return (
-        report.markdown_table(header, rows)
-        + "\n"
-        + report.markdown_table(fit_header, fits)
+    targets = [t for t, _, _ in next(iter(summary["rows"].values()))["to_targets"]]
+    reach_header = ["schedule"] + [
+        f"steps / examples to {100 * t:.2f}%" for t in targets
+    ]
+    reach = [
+        [label(config)]
+        + [
+            "not reached" if s is None or e is None else f"{s:,.0f} / {e:,.0f}"
+            for _, s, e in row["to_targets"]
+        ]
+        for config, row in summary["rows"].items()
+    ]
+    return "\n".join(
+        report.markdown_table(h, r)
+        for h, r in ((header, rows), (fit_header, fits), (reach_header, reach))
     )
 
 
