@@ -94,7 +94,8 @@ def test_quick_run_writes_the_table_figures_and_every_run(quick_run):
         ["| 256", "LARS"],
     ]
     assert "breaks down at" in stdout or "no breakdown" in stdout
-    assert "predicted critical batch B_simple ≈" in stdout
+    assert "B_simple over training ≈" in stdout
+    assert "McCandlish et al.'s critical batch" in stdout
     names = sorted(p.name for p in (out / "runs").iterdir())
     configs = ("sgd-32", "sgd-256", "lars-256")
     assert names == sorted(f"{c}-seed0.json" for c in configs)
