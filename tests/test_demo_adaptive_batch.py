@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import optax_warmup as ow
 from optax_warmup.demo import adaptive_batch as ab
-from optax_warmup.demo import stats
+from optax_warmup.demo import stats, training
 from optax_warmup.demo.__main__ import main, parse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -447,3 +448,70 @@ def test_a_killed_command_resumes_to_the_same_table(quick_run, tmp_path):
     uninterrupted = json.loads((reference_out / "results.json").read_text())
     for a, b in zip(resumed["runs"], uninterrupted["runs"], strict=True):
         assert {**a, "seconds": 0} == {**b, "seconds": 0}
+
+
+# --- the accumulated training loop --------------------------------------------------
+
+
+class _Linear(nnx.Module):
+    """A linear classifier of the flattened sequence: compiles in a blink."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(40, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(x.reshape(x.shape[0], -1))
+
+
+def _tiny_data(n_train: int = 256, n_test: int = 64) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "x_train": rng.normal(size=(n_train, 40, 1)).astype(np.float32),
+        "y_train": rng.integers(0, 10, n_train).astype(np.int32),
+        "x_test": rng.normal(size=(n_test, 40, 1)).astype(np.float32),
+        "y_test": rng.integers(0, 10, n_test).astype(np.int32),
+    }
+
+
+def test_train_accumulated_evaluates_every_fraction_of_an_epoch_and_stops():
+    data = _tiny_data()
+    batch = ow.rampup_batch_size(32, 32, 256, 96)  # 32, 64, 96 over the 1st epoch
+    tx = ow.accumulate(
+        optax.chain(ow.track_noise_scale(decay=0.0), ow.sgd(0.1)),
+        batch_size=batch,
+        micro_batch_size=32,
+    )
+    seen = []
+    out = training.train_accumulated(
+        _Linear(nnx.Rngs(0)),
+        tx,
+        data,
+        micro_batch_size=32,
+        epochs=3,
+        seed=0,
+        evals_per_epoch=4,
+        reads={"lr": ow.current_lr, "g2": lambda s: s.inner_state[0].g2},
+        sums=("g2",),
+        on_epoch=lambda epoch, error: seen.append(epoch),
+    )
+    curve = out["curve"]
+    expected = _batches(batch, 256, 3)  # the batch of every update
+    consumed = np.cumsum(expected)
+    assert out["updates"] == len(expected) and out["examples"] == consumed[-1]
+    # A point after the first update that completes each quarter epoch (64 samples).
+    points = [
+        int(np.argmax(consumed >= 64 * k))
+        for k in range(1, 13)
+        if consumed[-1] >= 64 * k
+    ]
+    points = sorted(set(points))
+    assert curve["updates"] == [p + 1 for p in points]
+    assert curve["examples"] == [int(consumed[p]) for p in points]
+    assert curve["batch"] == [expected[p] for p in points]
+    assert seen == [0, 1, 2] and len(out["test_error"]) == 3
+    # An epoch ends at the first update that completes it (96 does not divide 256).
+    ends = [int(consumed[np.argmax(consumed >= 256 * e)]) for e in (1, 2, 3)]
+    assert out["epoch_examples"] == ends == [256, 544, 832]
+    # The first update has one micro-batch: nothing measured; then |G|² estimates.
+    assert curve["g2_sum"][0] == 0.0 and all(g != 0 for g in curve["g2_sum"][2:])
+    assert all(0 <= e <= 1 for e in curve["test_error"]) and not out["diverged"]
