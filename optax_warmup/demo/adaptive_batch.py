@@ -827,6 +827,15 @@ def notes(summary: Summary) -> list[str]:
         "fixed batches (every seed's point); B_simple: Σ tr Σ / Σ |G|² over the "
         "same runs up to the target, mean ± std over seeds; ratio: per seed",
     ]
+    reached = [
+        str(batch_of(c))
+        for c, row in rows.items()
+        if row["kind"] == "fixed" and row.get("steps_to_reference") is not None
+    ]
+    lines.append(
+        "fixed batches that reach the reference's final error: "
+        + (", ".join(reached) or "none")
+    )
     best = a["best_fixed"]
     if best is None:
         lines.append("no fixed batch reached the reference's final error")
