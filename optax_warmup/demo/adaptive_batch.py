@@ -870,7 +870,10 @@ def plot(results: Sequence[Result], settings: Settings, out: Path) -> list[Path]
         out / "test_error.png",
     ]
     configs = list(summary["rows"])
-    colors = {c: f"C{i % 10}" for i, c in enumerate(configs)}
+    palette = report.pyplot().get_cmap("tab20")  # 11 runs and more: distinct colors
+    colors = {
+        c: palette((2 * i) % 20 + (2 * i) // 20 % 2) for i, c in enumerate(configs)
+    }
 
     # 1. McCandlish et al.'s trade-off per target, with every run's point.
     with report.figure(
