@@ -94,7 +94,8 @@ def test_quick_run_writes_the_table_figures_and_every_run(quick_run):
         ["| 256", "LARS"],
     ]
     assert "breaks down at" in stdout or "no breakdown" in stdout
-    assert "predicted critical batch B_simple ≈" in stdout
+    assert "B_simple over training ≈" in stdout
+    assert "McCandlish et al.'s critical batch" in stdout
     names = sorted(p.name for p in (out / "runs").iterdir())
     configs = ("sgd-32", "sgd-256", "lars-256")
     assert names == sorted(f"{c}-seed0.json" for c in configs)
@@ -308,15 +309,15 @@ def test_breakdown_is_the_first_batch_beyond_two_standard_errors():
     ] == pytest.approx(se)
     assert rows["sgd-64"]["gap_vs_reference"] < 2 * rows["sgd-64"]["gap_standard_error"]
     assert a["breakdown"] == {"sgd": 128, "lars": 256}
-    assert a["critical_batch"] == {"sgd": 64, "lars": 128}
+    assert a["flat_up_to"] == {"sgd": 64, "lars": 128}
     # B_simple of a run: Σ tr Σ / Σ |G|² over epochs = (400 + 40 s) / 4.
     assert rows["sgd-64"]["noise_scales"] == pytest.approx([100.0, 110.0, 120.0])
     assert a["predicted_critical_batch"] == pytest.approx(110.0)
     assert a["predicted_from_batch"] == 64
-    assert a["prediction_over_measured"] == pytest.approx(110 / 64)
     assert rows["sgd-32"]["noise_scale"] is None and rows["sgd-32"]["p_value"] is None
-    # Steps to 10%: epoch 2 of 10 steps each; never for the broken sgd-256.
-    assert rows["sgd-64"]["steps_to_target"] == 20
+    # Steps to 10%: between epochs 1 and 2 of 10 steps each (0.5 → 0.09, linear);
+    # never for the broken sgd-256.
+    assert rows["sgd-64"]["steps_to_target"] == pytest.approx(10 + 10 * 0.4 / 0.41)
     assert rows["sgd-256"]["steps_to_target"] is None
 
 
@@ -324,12 +325,11 @@ def test_no_breakdown_leaves_the_prediction_unscored():
     runs = [r for r in _fake_results() if r["config"] in ("sgd-32", "sgd-64")]
     settings = dataclasses.replace(SETTINGS, batches=(32, 64), optimizers=("sgd",))
     a = batch_size.summarize(runs, settings)["analysis"]
-    assert a["breakdown"] == {"sgd": None} and a["critical_batch"] == {"sgd": 64}
-    assert a["prediction_over_measured"] is None
+    assert a["breakdown"] == {"sgd": None} and a["flat_up_to"] == {"sgd": 64}
     assert "no breakdown up to the largest batch" in "\n".join(
         batch_size.notes({"rows": {}, "analysis": a})
     )
-    a["breakdown"], a["critical_batch"] = {"lars": 1024}, {"lars": None}
+    a["breakdown"], a["flat_up_to"] = {"lars": 1024}, {"lars": None}
     assert "LARS: worse than the reference from its smallest batch, kn=1024" in (
         "\n".join(batch_size.notes({"rows": {}, "analysis": a}))
     )
@@ -361,7 +361,9 @@ def test_table_rows_and_notes():
     notes = "\n".join(batch_size.notes(summary))
     assert "SGD: breaks down at kn=128; flat up to kn=64" in notes
     assert "LARS: breaks down at kn=256; flat up to kn=128" in notes
-    assert "B_simple ≈ 110 (SGD runs at kn=64), 1.7× the measured" in notes
+    assert "B_simple over training ≈ 110 (SGD runs at kn=64)" in notes
+    assert "McCandlish et al.'s critical batch at 10%: B_crit = E_min/S_min" in notes
+    assert "B_simple over the same stretch" in notes
 
 
 def test_figures_are_drawn_from_fake_runs(tmp_path):

@@ -40,6 +40,7 @@ import jax
 import optax
 
 from optax_warmup.demo import (
+    adaptive_batch,
     batch_size,
     data,
     distributed,
@@ -53,7 +54,8 @@ from optax_warmup.demo.flags import flag_name
 
 # Every experiment of --experiment, by name: a new one is its module and a line here.
 EXPERIMENTS: dict[str, Experiment[Any]] = {
-    e.name: e for e in (warmup.EXPERIMENT, batch_size.EXPERIMENT)
+    e.name: e
+    for e in (warmup.EXPERIMENT, batch_size.EXPERIMENT, adaptive_batch.EXPERIMENT)
 }
 DEFAULT_EXPERIMENT = "warmup"
 PROG = "python -m optax_warmup.demo"

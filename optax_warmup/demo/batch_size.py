@@ -20,21 +20,25 @@ the analysis:
 - the breakdown of each optimizer: the smallest kn > n whose mean final error
   exceeds the reference's by more than two standard errors of the gap,
   ``Δ > 2·√(s²/m + s_ref²/m_ref)`` (with one seed a side the standard error is 0
-  and any excess counts); the measured critical batch is the largest batch below
-  it (Goyal et al.'s stable region, which on ImageNet reaches about 8k, §2.1);
-- the predicted critical batch: B_simple of the SGD runs at the smallest batch
-  above n (the trajectory closest to the reference's), averaged over training as
-  McCandlish et al. do: the ratio of the averages over epochs,
-  ``Σ_e tr Σ_e / Σ_e |G|²_e`` (each epoch's value is the tracker's moving average,
-  which spans about that epoch), then the mean over seeds;
-- the steps to the target error: a run's first epoch whose test error is at or
-  below the target, times its steps per epoch (so resolved to one epoch); a
-  configuration's is the median over seeds (None when most seeds never get there).
+  and any excess counts); the error is flat up to the largest batch below it
+  (Goyal et al.'s stable region, which on ImageNet reaches about 8k, §2.1);
+- B_simple over training: B_simple of the SGD runs at the smallest batch above n
+  (the trajectory closest to the reference's), the ratio of the averages over
+  epochs, ``Σ_e tr Σ_e / Σ_e |G|²_e`` (each epoch's value is the tracker's moving
+  average, which spans about that epoch), then the mean over seeds;
+- the steps to the target error: where a run's test error, evaluated after each
+  epoch and interpolated linearly between epochs, first reaches the target; a
+  configuration's is the median over seeds (None when most seeds never get there);
+- McCandlish et al.'s critical batch at the target (``mccandlish``): their
+  trade-off ``(S/S_min − 1)(E/E_min − 1) = 1`` fitted to the steps S and examples
+  E = kn·S of every SGD run that reaches it, ``B_crit = E_min / S_min``, against
+  B_simple of the same runs (kn > n) averaged over the same stretch of training
+  (the epochs up to the target), their ratio per seed.
 
 ``plot`` draws ``error_vs_batch.png`` (their Figure 1 with SGD and LARS, the
-breakdown and the predicted critical batch), ``noise_scale.png`` (B_simple per
-epoch) and ``steps_to_target.png`` (Shallue et al.'s log-log view with the
-perfect-scaling line of slope −1).
+breakdown and B_simple), ``noise_scale.png`` (B_simple per epoch) and
+``steps_to_target.png`` (Shallue et al.'s log-log view with the perfect-scaling
+line of slope −1, McCandlish et al.'s fitted curve and B_crit).
 
 This module is the whole experiment, ``EXPERIMENT``: its configurations and
 settings, one run, its flags, the analysis and the report.
@@ -54,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -403,27 +408,53 @@ def check(settings: Settings, data: Arrays, devices: int) -> None:
 OPTIMIZER_LABELS = {"sgd": "SGD", "lars": "LARS"}
 
 
-def training_noise_scale(run: Result) -> float | None:
-    """A run's B_simple averaged over training: ``Σ tr Σ / Σ |G|²`` over epochs."""
+def training_noise_scale(run: Result, epochs: int | None = None) -> float | None:
+    """A run's B_simple averaged over training, ``Σ tr Σ / Σ |G|²`` over epochs (the
+    first ``epochs`` of them: the stretch up to a target)."""
     g2, trace = run.get("g2"), run.get("trace_sigma")
-    if not g2:
+    if not g2 or not trace:
         return None
-    g2_sum = float(np.sum(np.asarray(g2, np.float64)))
-    trace_sum = float(np.sum(np.asarray(trace, np.float64)))
+    g2_sum = float(np.sum(np.asarray(g2[:epochs], np.float64)))
+    trace_sum = float(np.sum(np.asarray(trace[:epochs], np.float64)))
     if not np.isfinite(g2_sum / trace_sum) or g2_sum <= 0:
         return None  # diverged, or |G|² never measured above the noise
     return trace_sum / g2_sum
 
 
-def steps_to_target(run: Result, target: float) -> int | None:
-    """Steps to the first epoch whose test error is at most ``target``, or None."""
-    for epoch, error in enumerate(run["test_error"], start=1):
-        if error <= target:
-            return epoch * run["steps_per_epoch"]
-    return None
+def steps_to_target(run: Result, target: float) -> float | None:
+    """Steps until the test error first reaches ``target``, interpolated linearly
+    between the evaluations after each epoch (``stats.count_to_target``; the
+    first epoch's steps if it is already there), or None."""
+    errors = run["test_error"]
+    steps = [run["steps_per_epoch"] * e for e in range(1, len(errors) + 1)]
+    return stats.count_to_target(steps, errors, target)
 
 
-def _median_steps(steps: Sequence[int | None]) -> float | None:
+def mccandlish(results: Sequence[Result], settings: Settings) -> dict[str, Any]:
+    """McCandlish et al.'s critical batch at the target error: their trade-off
+    fitted to the (steps, examples) of the SGD runs that reach it, against
+    B_simple of the runs with kn > n averaged over the same stretch (the epochs up
+    to the one where each reaches the target), per seed
+    (``stats.critical_batch_vs_noise_scale``)."""
+    points: dict[int, list[tuple[float, float]]] = {}
+    scales: dict[int, list[float | None]] = {}
+    for run in results:
+        if run["optimizer"] != "sgd" or run["diverged"]:
+            continue
+        steps = steps_to_target(run, settings.target_error)
+        if steps is None:
+            continue
+        points.setdefault(run["seed"], []).append((steps, steps * run["batch_size"]))
+        if settings.tracks_noise_scale(run["config"]):
+            epochs = math.ceil(steps / run["steps_per_epoch"] - 1e-9)
+            scales.setdefault(run["seed"], []).append(training_noise_scale(run, epochs))
+    return {
+        "target_error": settings.target_error,
+        **stats.critical_batch_vs_noise_scale(points, scales),
+    }
+
+
+def _median_steps(steps: Sequence[float | None]) -> float | None:
     values = np.asarray([np.inf if s is None else s for s in steps], np.float64)
     median = float(np.median(values))
     return median if np.isfinite(median) else None
@@ -465,17 +496,25 @@ def summarize(results: Sequence[Result], settings: Settings) -> Summary:
             )
             if config == settings.reference:
                 row["p_value"] = None
-    return {"rows": rows, "analysis": analyze(rows, settings)}
+    analysis = analyze(rows, settings)
+    analysis["mccandlish"] = mccandlish(results, settings)
+    fit = analysis["mccandlish"]
+    if fit.get("b_crit") and fit["b_simple"]:
+        analysis["b_simple_over_b_crit"] = fit["b_simple"] / fit["b_crit"]
+    else:
+        analysis["b_simple_over_b_crit"] = None
+    return {"rows": rows, "analysis": analysis}
 
 
 def analyze(rows: dict[str, dict[str, Any]], settings: Settings) -> dict[str, Any]:
-    """The breakdown per optimizer, the predicted critical batch and their ratio."""
+    """The breakdown and the flat region per optimizer, and B_simple over training
+    at the smallest batch above n."""
     analysis: dict[str, Any] = {
         "breakdown_rule": "the smallest kn > n whose mean final test error exceeds "
         "the reference's by more than 2 standard errors of the gap",
         "target_error": settings.target_error,
         "breakdown": {},
-        "critical_batch": {},
+        "flat_up_to": {},
     }
     if settings.reference not in rows:
         return analysis
@@ -495,7 +534,7 @@ def analyze(rows: dict[str, dict[str, Any]], settings: Settings) -> dict[str, An
             r["batch_size"] for r in mine if first is None or r["batch_size"] < first
         ]
         analysis["breakdown"][optimizer] = first
-        analysis["critical_batch"][optimizer] = max(below) if below else None
+        analysis["flat_up_to"][optimizer] = max(below) if below else None
     tracked = sorted(
         (r for r in rows.values() if r["optimizer"] == "sgd" and r["noise_scale"]),
         key=lambda r: r["batch_size"],
@@ -503,11 +542,6 @@ def analyze(rows: dict[str, dict[str, Any]], settings: Settings) -> dict[str, An
     predicted = tracked[0]["noise_scale"] if tracked else None
     analysis["predicted_critical_batch"] = predicted
     analysis["predicted_from_batch"] = tracked[0]["batch_size"] if tracked else None
-    critical = analysis["critical_batch"].get("sgd")
-    if predicted and critical and analysis["breakdown"].get("sgd") is not None:
-        analysis["prediction_over_measured"] = predicted / critical
-    else:  # no breakdown within the list: the critical batch is only a lower bound
-        analysis["prediction_over_measured"] = None
     return analysis
 
 
@@ -559,12 +593,13 @@ def notes(summary: Summary) -> list[str]:
         "B_simple: tr(Σ)/|G|² over the ghost BatchNorm groups, averaged over "
         "training (ratio of the per-epoch averages), mean over seeds",
         f"steps to target: steps until the test error first reaches "
-        f"{100 * a['target_error']:g}% (checked after each epoch), median over seeds",
+        f"{100 * a['target_error']:g}% (evaluated after each epoch, linearly "
+        "interpolated between epochs), median over seeds",
         "breakdown: " + a["breakdown_rule"],
     ]
     for optimizer, batch in a["breakdown"].items():
         name = OPTIMIZER_LABELS[optimizer]
-        critical = a["critical_batch"].get(optimizer)
+        critical = a["flat_up_to"].get(optimizer)
         if batch is None:
             lines.append(f"{name}: no breakdown up to the largest batch of the list")
         elif critical is None:
@@ -575,14 +610,31 @@ def notes(summary: Summary) -> list[str]:
             lines.append(f"{name}: breaks down at kn={batch}; flat up to kn={critical}")
     predicted = a.get("predicted_critical_batch")
     if predicted is not None:
-        line = (
-            f"predicted critical batch B_simple ≈ {predicted:.0f} (SGD runs at "
+        lines.append(
+            f"B_simple over training ≈ {predicted:.0f} (SGD runs at "
             f"kn={a['predicted_from_batch']})"
         )
-        ratio = a.get("prediction_over_measured")
-        if ratio is not None:
-            line += f", {ratio:.2g}× the measured critical batch"
+    fit = a.get("mccandlish") or {}
+    if fit.get("b_crit") is not None:
+        line = (
+            f"McCandlish et al.'s critical batch at {100 * fit['target_error']:g}%: "
+            f"B_crit = E_min/S_min ≈ {fit['e_min']:.0f}/{fit['s_min']:.0f} ≈ "
+            f"{fit['b_crit']:.0f} (SGD at kn="
+            + ",".join(map(str, fit["batches_reached"]))
+            + ")"
+        )
+        if fit["b_simple"] is not None and fit["ratio_mean"] is not None:
+            line += (
+                f"; B_simple over the same stretch ≈ {fit['b_simple']:.0f}, "
+                f"B_simple/B_crit = {fit['ratio_mean']:.2f} ± {fit['ratio_std']:.2f} "
+                "over seeds"
+            )
         lines.append(line)
+    else:
+        lines.append(
+            "McCandlish et al.'s critical batch: not fitted (fewer than two SGD "
+            "batches reach the target)"
+        )
     return lines
 
 
@@ -641,7 +693,7 @@ def plot(results: Sequence[Result], settings: Settings, out: Path) -> list[Path]
                 predicted,
                 color="C2",
                 linestyle="--",
-                label=f"predicted critical batch B_simple ≈ {predicted:.0f}",
+                label=f"B_simple over training ≈ {predicted:.0f}",
             )
         ax.set(
             xscale="log",
@@ -694,7 +746,7 @@ def plot(results: Sequence[Result], settings: Settings, out: Path) -> list[Path]
             )
         if predicted is not None:
             ax.axhline(
-                predicted, color="C2", linestyle=":", label="predicted (average)"
+                predicted, color="C2", linestyle=":", label="B_simple over training"
             )
         report.mark_epochs(
             ax, (settings.warmup_epochs, *settings.milestones), grey="0.85"
@@ -733,8 +785,23 @@ def plot(results: Sequence[Result], settings: Settings, out: Path) -> list[Path]
                 linestyle="--",
                 label="perfect scaling (slope −1 from the reference)",
             )
-        if predicted is not None:
-            ax.axvline(predicted, color="C2", linestyle=":", label="B_simple")
+        fit = a.get("mccandlish") or {}
+        if fit.get("b_crit") is not None:
+            ax.plot(
+                fit["batches"],
+                fit["steps"],
+                color="C3",
+                linewidth=1,
+                label=f"McCandlish et al.'s fit, B_crit ≈ {fit['b_crit']:.0f}",
+            )
+            ax.axvline(fit["b_crit"], color="C3", linestyle="--", linewidth=0.8)
+        if fit.get("b_simple") is not None:
+            ax.axvline(
+                fit["b_simple"],
+                color="C2",
+                linestyle=":",
+                label=f"B_simple up to the target ≈ {fit['b_simple']:.0f}",
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set(xlabel="batch kn", ylabel="steps to the target")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -406,3 +406,72 @@ def fit_critical_batch(
         steps=tuple(map(float, curve_s)),
         examples=tuple(map(float, curve_b * curve_s)),
     )
+
+
+def _fit_or_none(points: Sequence[tuple[float, float]]) -> CriticalBatch | None:
+    """The fit of ``points``, or None when they hold fewer than two batches."""
+    if len({round(e / s, 6) for s, e in points}) < 2:
+        return None
+    steps, examples = zip(*points, strict=True)
+    return fit_critical_batch(steps, examples)
+
+
+def critical_batch_vs_noise_scale(
+    points: Mapping[Any, Sequence[tuple[float, float]]],
+    noise_scales: Mapping[Any, Sequence[float | None]],
+) -> dict[str, Any]:
+    """McCandlish et al.'s comparison: B_crit fitted to the (steps, examples) to a
+    target, against B_simple averaged over the same stretch of training.
+
+    B_crit is fitted (``fit_critical_batch``) to every seed's points together (the
+    headline) and to each seed's alone; B_simple of a seed is the mean of its
+    runs' values; the ratio B_simple / B_crit is taken per seed, then summarized
+    over seeds (mean and sample standard deviation, ``mean_std``).
+
+    Args:
+      points: by seed, ``(S, E)`` of each fixed batch that reached the target.
+      noise_scales: by seed, B_simple of each run over the stretch up to the
+        target (None: not measured, e.g. a batch of one group).
+
+    Returns:
+      A JSON-able dict: ``points`` and ``batches_reached`` (their batches);
+      the pooled fit's fields (``s_min``, ``e_min``, ``b_crit``, ``rms_log_error``
+      and its curve), absent when fewer than two batches reached the target;
+      ``per_seed`` (``b_crit``, ``b_simple``, ``ratio``, each None where
+      undefined); ``b_simple`` and ``b_simple_std`` over seeds; ``ratio_mean`` and
+      ``ratio_std``.
+
+    >>> out = critical_batch_vs_noise_scale(
+    ...     {0: [(300.0, 3e4), (200.0, 4e4), (150.0, 6e4)]}, {0: [100.0, 140.0]})
+    >>> round(out["b_crit"]), out["b_simple"], round(out["ratio_mean"], 2)
+    (200, 120.0, 0.6)
+    """
+    per_seed: dict[str, dict[str, float | None]] = {}
+    pooled: list[tuple[float, float]] = []
+    for seed in sorted(set(points) | set(noise_scales)):
+        mine = [(float(s), float(e)) for s, e in points.get(seed, ())]
+        pooled += mine
+        fit = _fit_or_none(mine)
+        measured = [b for b in noise_scales.get(seed, ()) if b is not None]
+        b_simple = float(np.mean(measured)) if measured else None
+        b_crit = fit.b_crit if fit is not None else None
+        per_seed[str(seed)] = {
+            "b_crit": b_crit,
+            "b_simple": b_simple,
+            "ratio": b_simple / b_crit if b_simple and b_crit else None,
+        }
+    b_simples = [v["b_simple"] for v in per_seed.values() if v["b_simple"]]
+    ratios = [v["ratio"] for v in per_seed.values() if v["ratio"] is not None]
+    out: dict[str, Any] = {
+        "points": [list(p) for p in pooled],
+        "batches_reached": sorted({round(e / s) for s, e in pooled}),
+        "per_seed": per_seed,
+        "b_simple": mean_std(b_simples)[0] if b_simples else None,
+        "b_simple_std": mean_std(b_simples)[1] if b_simples else None,
+        "ratio_mean": mean_std(ratios)[0] if ratios else None,
+        "ratio_std": mean_std(ratios)[1] if ratios else None,
+    }
+    fit = _fit_or_none(pooled)
+    if fit is not None:
+        out.update(fit._asdict())
+    return out

@@ -16,7 +16,7 @@ the batch; ``run_result`` makes its result of the curves.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -277,4 +277,250 @@ def run_result(curves: dict[str, Any], **run: Any) -> Result:
         "final_train_error": curves["train_error"][-1],
         "seconds": curves.pop("seconds"),
         **curves,
+    }
+
+
+# --- a batch that changes: micro-batches through ``ow.accumulate`` -------------------
+
+Controller = Callable[[optax.OptState], jax.Array]  # opt_state -> the next batch
+Progress = Callable[[Mapping[str, float], int], float]  # (reads, n_train) -> epochs
+
+
+def examples_progress(reads: Mapping[str, float], n_train: int) -> float:
+    """A run's progress in epochs of examples: the samples of its updates / N."""
+    return reads["consumed"] / n_train
+
+
+_MICRO_STEPS: dict[Hashable, tuple[Callable, Callable]] = {}  # compiled once
+
+
+def _micro_steps(
+    key: Hashable | None,
+    train_def,
+    eval_def,
+    tx,
+    label_smoothing: float,
+    controller: Controller | None,
+    reads: Mapping[str, Readout],
+) -> tuple[Callable, Callable]:
+    """The jitted micro-step and eval step, shared by every run with ``key``."""
+    if key is not None and key in _MICRO_STEPS:
+        return _MICRO_STEPS[key]
+
+    def loss_fn(params, stats, x, y):
+        model = nnx.merge(train_def, params, stats, copy=True)
+        logits = model(x)
+        loss = ow.smoothed_cross_entropy(logits, y, label_smoothing).mean()
+        return loss, (nnx.state(model, nnx.BatchStat), logits)
+
+    @jax.jit
+    def micro_step(params, stats, opt_state, x, y):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (stats, logits)), grads = grad_fn(params, stats, x, y)
+        extra = {} if controller is None else {"batch_size": controller(opt_state)}
+        updates, opt_state = tx.update(grads, opt_state, params, **extra)
+        params = optax.apply_updates(params, updates)
+        error = jnp.mean(jnp.argmax(logits, -1) != y)
+        status = {
+            "micro_step": opt_state.micro_step,
+            "consumed": opt_state.consumed_samples,
+            "loss": loss,
+            "error": error,
+            **{name: read(opt_state) for name, read in reads.items()},
+        }
+        return params, stats, opt_state, status
+
+    @jax.jit
+    def errors(params, stats, x, y, weight):
+        logits = nnx.merge(eval_def, params, stats, copy=True)(x)
+        return jnp.sum((jnp.argmax(logits, -1) != y) * weight), jnp.sum(weight)
+
+    if key is not None:
+        _MICRO_STEPS[key] = (micro_step, errors)
+    return micro_step, errors
+
+
+def train_accumulated(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    data: Arrays,
+    *,
+    micro_batch_size: int,
+    epochs: int,
+    seed: int,
+    label_smoothing: float = 0.0,
+    controller: Controller | None = None,
+    progress: Progress = examples_progress,
+    evals_per_epoch: int = 8,
+    reads: Mapping[str, Readout] | None = None,
+    sums: Sequence[str] = (),
+    mesh: Mesh | None = None,
+    on_epoch: OnEpoch | None = None,
+    step_key: Hashable | None = None,
+) -> dict[str, Any]:
+    """Trains ``model`` one micro-batch at a time through ``tx = ow.accumulate(...)``.
+
+    The jitted step sees ``micro_batch_size`` examples (one compilation for every
+    batch); ``tx``, an ``ow.accumulate``, decides how many micro-batches make an
+    update (a schedule of the samples consumed, or ``controller(opt_state)``, the
+    batch passed to its ``update`` and read on the first micro-batch of each
+    update). The examples stream through one shuffled permutation per epoch
+    (``np.random.default_rng(seed)``), an update may straddle two epochs, and the
+    remainder of each epoch below a micro-batch is dropped. BatchNorm statistics
+    are updated at every micro-step (the ghost BatchNorm group is the micro-batch).
+
+    Two evaluations of the whole test set (eval mode, the parameters of the last
+    update):
+
+    - the **curve**: after the first update that completes each
+      ``1/evals_per_epoch`` of an epoch of examples: the updates and examples so
+      far, the batch of that update, the test error and each of ``reads`` (as of
+      that update), and, for each
+      name of ``sums``, the sum of that read over the updates since the previous
+      point (per-update estimates summed over the stretch);
+    - the **epochs**: each time ``progress`` passes a whole number of epochs (the
+      examples by default; AdaScale's scale-invariant iterations, say), until it
+      reaches ``epochs``: the run then stops. ``on_epoch`` is called then.
+
+    Args:
+      model: a freshly initialized ``nnx`` classifier (not changed).
+      tx: an ``ow.accumulate`` optimizer with ``micro_batch_size``.
+      data: ``{"x_train", "y_train", "x_test", "y_test"}`` host arrays.
+      micro_batch_size: the examples of one step (a multiple of the mesh size).
+      epochs: the run's length in ``progress``'s epochs.
+      seed: seeds the order of the examples.
+      label_smoothing: α of ``ow.smoothed_cross_entropy``.
+      controller: ``controller(opt_state) -> batch``, inside the jitted step, or
+        None (``tx``'s own batch).
+      progress: ``progress(reads, n_train) -> epochs`` after each update, from
+        the step's reads (``consumed`` and ``reads``).
+      evals_per_epoch: points of the curve per epoch of examples.
+      reads: scalars read from the optimizer state inside the step, by name.
+      sums: names of ``reads`` summed per stretch of the curve.
+      mesh: the devices (default: all).
+      on_epoch: ``on_epoch(epoch, test_error)`` at each whole epoch of progress.
+      step_key: a key that determines the model's structure, ``tx``,
+        ``label_smoothing``, ``controller`` and ``reads``: runs with the same key
+        share the compiled steps (None: compile afresh).
+
+    Returns:
+      ``updates``, ``examples``, ``diverged``, ``seconds``, ``curve`` (a dict of
+      lists: ``updates``, ``examples``, ``batch``, ``test_error``, each read, each
+      ``<name>_sum``) and per-epoch lists ``train_loss``, ``train_error`` (means
+      over the epoch's micro-batches), ``test_error``, ``epoch_updates`` and
+      ``epoch_examples``. A run whose loss turns non-finite stops at the next
+      epoch of progress (``diverged``).
+    """
+    start = time.perf_counter()
+    reads = dict(reads or {})
+    x_train, y_train = data["x_train"], data["y_train"]
+    n_train = len(y_train)
+    per_epoch = steps_per_epoch(n_train, micro_batch_size)
+    mesh = mesh or data_mesh()
+    if micro_batch_size % mesh.size:
+        raise ValueError(
+            f"micro_batch_size {micro_batch_size} does not split over {mesh.size} "
+            "devices"
+        )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    model.train()
+    train_def, *states = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, stats = states
+    model.eval()
+    eval_def = nnx.graphdef(model)
+    micro_step, errors = _micro_steps(
+        step_key, train_def, eval_def, tx, label_smoothing, controller, reads
+    )
+    params, stats = put_replicated((params, stats), replicated)
+    opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+    test_set = put_test_set(data["x_test"], data["y_test"], sharded)
+    n_test = len(data["y_test"])
+
+    def test_error() -> float:
+        wrong, counted = errors(params, stats, *test_set)
+        if int(counted) != n_test:
+            raise RuntimeError(f"evaluated {int(counted)} test examples")
+        return float(wrong) / n_test
+
+    rng = np.random.default_rng(seed)
+    curve: dict[str, list] = {
+        k: [] for k in ("updates", "examples", "batch", "test_error", *reads)
+    }
+    curve.update({f"{name}_sum": [] for name in sums})
+    stretch = dict.fromkeys(sums, 0.0)
+    per_epoch_keys = ("train_loss", "train_error", "test_error")
+    epoch_curves: dict[str, list] = {
+        k: [] for k in (*per_epoch_keys, "epoch_updates", "epoch_examples")
+    }
+    losses: list[float] = []
+    errs: list[float] = []
+    updates, consumed, diverged = 0, 0, False
+    next_point = 1
+    epoch = 0
+    batches: Iterator[np.ndarray] = iter(())
+    while epoch < epochs:
+        idx = next(batches, None)
+        if idx is None:
+            order = rng.permutation(n_train)[: per_epoch * micro_batch_size]
+            batches = iter(order.reshape(per_epoch, micro_batch_size))
+            idx = next(batches)
+        x, y = put_batch((x_train, y_train), idx, sharded)
+        params, stats, opt_state, status = micro_step(params, stats, opt_state, x, y)
+        status = jax.device_get(status)
+        losses.append(float(status["loss"]))
+        errs.append(float(status["error"]))
+        if int(status["micro_step"]) != 0:  # still accumulating the update
+            continue
+        updates += 1
+        batch = int(status["consumed"]) - consumed
+        consumed = int(status["consumed"])
+        values = {name: float(status[name]) for name in reads}
+        for name in sums:
+            stretch[name] += values[name]
+        if consumed * evals_per_epoch >= next_point * n_train:
+            error = test_error()
+            curve["updates"].append(updates)
+            curve["examples"].append(consumed)
+            curve["batch"].append(batch)
+            curve["test_error"].append(error)
+            for name in reads:
+                curve[name].append(values[name])
+            for name in sums:
+                curve[f"{name}_sum"].append(stretch[name])
+                stretch[name] = 0.0
+            while consumed * evals_per_epoch >= next_point * n_train:
+                next_point += 1
+        finite = bool(np.isfinite(losses).all())
+        reached = progress({"consumed": consumed, **values}, n_train)
+        if reached < epoch + 1 and finite:
+            continue
+        while reached >= epoch + 1 or (not finite and epoch < epochs):
+            error = test_error()
+            train_loss = float(np.mean(losses))
+            epoch_curves["train_loss"].append(
+                train_loss if np.isfinite(train_loss) else None
+            )
+            epoch_curves["train_error"].append(float(np.mean(errs)))
+            epoch_curves["test_error"].append(error)
+            epoch_curves["epoch_updates"].append(updates)
+            epoch_curves["epoch_examples"].append(consumed)
+            losses, errs = [], []
+            if on_epoch is not None:
+                on_epoch(epoch, error)
+            epoch += 1
+            if not finite:
+                diverged = True
+                break
+            if epoch >= epochs:
+                break
+        if diverged:
+            break
+    return {
+        "updates": updates,
+        "examples": consumed,
+        "diverged": diverged,
+        "seconds": time.perf_counter() - start,
+        "curve": curve,
+        **epoch_curves,
     }
