@@ -312,7 +312,8 @@ def flag_cache(tmp_path_factory):
         (["--noise-decay", "1"], "--noise-decay", "[0, 1)"),
         (["--target-errors", "0"], "--target-errors", "(0, 100)"),
         (["--evals-per-epoch", "0"], "--evals-per-epoch", "at least 1"),
-        (["--adascale-batches", "4096"], "--adascale-batches", "exceeds the 1600"),
+        (["--adascale-batches", "4096"], "--adascale-batches", "exceeds the 2048"),
+        (["--samples", "2000"], "--batches", "128 does not divide the 1600"),
         (["--lr", "-1"], "--lr", ">= 0"),
         (["--batches", "32,x"], "--batches", "comma-separated integers"),
     ],
@@ -321,7 +322,7 @@ def test_bad_flags_are_one_line_errors_naming_the_flag(
     argv, flag, detail, flag_cache, tmp_path, capsys
 ):
     out = tmp_path / "out"
-    base = ["--experiment", "adaptive-batch", "--samples", "2000", "--batches"]
+    base = ["--experiment", "adaptive-batch", "--samples", "2560", "--batches"]
     base += ["32,64,128", "--adascale-batches", "128", "--smith-max-batch", "256"]
     base += ["--ramp-batch", "256", "--noise-max-batch", "256"]
     base += ["--cache-dir", str(flag_cache), "--out", str(out)]

@@ -267,5 +267,12 @@ def test_shift_ties_count_one_half():
     ],
 )
 def test_shift_bad_input_names_the_argument(a, b, kwargs, argument):
-    with pytest.raises(ValueError, match=argument):
+    with pytest.raises(ValueError, match=f"^{argument} "):
         shift(a, b, **kwargs)
+
+
+def test_shift_p_value_of_far_apart_samples_is_tiny_not_negative():
+    a, b = np.arange(30.0) + 100, np.arange(30.0)
+    p = shift(a, b).p_value
+    assert p > 0 and p == pytest.approx(_exact_p(a, b), rel=1e-9)
+    assert shift(b, a).p_value == pytest.approx(p, rel=1e-9)

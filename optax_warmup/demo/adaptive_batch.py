@@ -555,6 +555,13 @@ def check(settings: Settings, data: Arrays, devices: int) -> None:
         n_train,
         devices,
     )
+    for batch in settings.batches:  # their schedules count whole epochs of updates
+        if n_train % batch:
+            raise FlagError(
+                "--batches",
+                f"{batch} does not divide the {n_train} training sequences: a fixed "
+                "batch's warmup and decays are counted in updates of whole epochs",
+            )
     for config in settings.configs():
         with flags.library_checks(_FLAG_OF):
             settings.optimizer(config, n_train)
@@ -585,9 +592,7 @@ def stretch_noise_scale(run: Result, target: float | None = None) -> float | Non
         end = reached[0] + 1
     g2 = float(np.nansum(np.asarray(curve["g2_sum"][:end], np.float64)))
     trace = float(np.nansum(np.asarray(curve["trace_sigma_sum"][:end], np.float64)))
-    if not (math.isfinite(g2) and math.isfinite(trace)) or g2 <= 0 or trace <= 0:
-        return None
-    return trace / g2
+    return stats.noise_scale_of_sums(trace, g2)
 
 
 def _median(values: Sequence[float | None]) -> float | None:

@@ -416,9 +416,7 @@ def training_noise_scale(run: Result, epochs: int | None = None) -> float | None
         return None
     g2_sum = float(np.sum(np.asarray(g2[:epochs], np.float64)))
     trace_sum = float(np.sum(np.asarray(trace[:epochs], np.float64)))
-    if not np.isfinite(g2_sum / trace_sum) or g2_sum <= 0:
-        return None  # diverged, or |G|² never measured above the noise
-    return trace_sum / g2_sum
+    return stats.noise_scale_of_sums(trace_sum, g2_sum)
 
 
 def steps_to_target(run: Result, target: float) -> float | None:

@@ -166,7 +166,9 @@ def shift(a: Sequence[float], b: Sequence[float], *, confidence: float = 0.9) ->
     far seed, whose 6 differences are the most extreme, cannot move either end;
     with 3 a side (k = 1) the ends are the extreme differences and one seed moves
     them. ``p`` is ``scipy.stats.mannwhitneyu(a, b, method="exact").pvalue`` when
-    no values tie (a tie counts one half, on an exact null that assumes none).
+    no values tie; a tie counts one half, on the null of untied data, which makes
+    ``p`` approximate (it can be smaller than the exact permutation p of the tied
+    values) where errors on a test set's grid tie between samples.
 
     Edge cases: samples too small for the confidence asked (2 and 2 at 90%: the
     most extreme ordering already has probability 1/6 > 0.05) give the infinite
@@ -203,7 +205,7 @@ def shift(a: Sequence[float], b: Sequence[float], *, confidence: float = 0.9) ->
         low, high, coverage = float(d[k - 1]), float(d[d.size - k]), 1 - 2 * cdf[k - 1]
     u = float((x[:, None] > y).sum() + 0.5 * (x[:, None] == y).sum())
     below = cdf[math.floor(u)]  # P(U ≤ u)
-    above = 1 - (cdf[math.ceil(u) - 1] if math.ceil(u) > 0 else 0.0)  # P(U ≥ u)
+    above = cdf[x.size * y.size - math.ceil(u)]  # P(U ≥ u) = P(U ≤ mn − u): no 1 − ε
     return Shift(
         estimate=float(np.median(d)),
         low=low,
@@ -408,9 +410,19 @@ def fit_critical_batch(
     )
 
 
+def noise_scale_of_sums(trace_sum: float, g2_sum: float) -> float | None:
+    """B_simple averaged as McCandlish et al. average it, ``Σ tr(Σ) / Σ |G|²``;
+    None unless both sums are finite and positive (a diverged run, or |G|² never
+    measured above the noise)."""
+    if not (math.isfinite(trace_sum) and math.isfinite(g2_sum)):
+        return None
+    return trace_sum / g2_sum if trace_sum > 0 and g2_sum > 0 else None
+
+
 def _fit_or_none(points: Sequence[tuple[float, float]]) -> CriticalBatch | None:
-    """The fit of ``points``, or None when they hold fewer than two batches."""
-    if len({round(e / s, 6) for s, e in points}) < 2:
+    """The fit of ``points``, or None when they hold fewer than three batches (two
+    parameters fit two batches exactly, whatever the points, and say nothing)."""
+    if len({round(e / s, 6) for s, e in points}) < 3:
         return None
     steps, examples = zip(*points, strict=True)
     return fit_critical_batch(steps, examples)
@@ -436,7 +448,8 @@ def critical_batch_vs_noise_scale(
     Returns:
       A JSON-able dict: ``points`` and ``batches_reached`` (their batches);
       the pooled fit's fields (``s_min``, ``e_min``, ``b_crit``, ``rms_log_error``
-      and its curve), absent when fewer than two batches reached the target;
+      and its curve), absent when fewer than three batches reached the target (a
+      seed's ``b_crit`` likewise);
       ``per_seed`` (``b_crit``, ``b_simple``, ``ratio``, each None where
       undefined); ``b_simple`` and ``b_simple_std`` over seeds; ``ratio_mean`` and
       ``ratio_std``.
@@ -452,7 +465,7 @@ def critical_batch_vs_noise_scale(
         mine = [(float(s), float(e)) for s, e in points.get(seed, ())]
         pooled += mine
         fit = _fit_or_none(mine)
-        measured = [b for b in noise_scales.get(seed, ()) if b is not None]
+        measured = [b for b in noise_scales.get(seed, ()) if b is not None and b > 0]
         b_simple = float(np.mean(measured)) if measured else None
         b_crit = fit.b_crit if fit is not None else None
         per_seed[str(seed)] = {

@@ -491,8 +491,10 @@ def train_accumulated(
                 stretch[name] = 0.0
             while consumed * evals_per_epoch >= next_point * n_train:
                 next_point += 1
-        finite = bool(np.isfinite(losses).all())
         reached = progress({"consumed": consumed, **values}, n_train)
+        # A NaN loss, or a NaN progress (AdaScale's clock after a NaN gain), ends
+        # the run as diverged rather than training on without an epoch ever ending.
+        finite = bool(np.isfinite(losses).all()) and bool(np.isfinite(reached))
         if reached < epoch + 1 and finite:
             continue
         while reached >= epoch + 1 or (not finite and epoch < epochs):
