@@ -758,7 +758,7 @@ def test_notes_print_the_verdicts():
 
 
 def test_the_default_run_has_the_seeds_its_findings_need():
-    assert experiment.EXPERIMENT.seeds == 6
+    assert experiment.DEFAULT_SEEDS == 6
     assert main_parse([])[1].seeds == 6
     assert main_parse(["--quick"])[1].seeds == 1
 

@@ -87,12 +87,7 @@ def parser(experiment: Experiment[Any]) -> argparse.ArgumentParser:
         default=DEFAULT_EXPERIMENT,
         help="which experiment to run",
     )
-    a(
-        "--seeds",
-        type=int,
-        default=experiment.seeds,
-        help="seeds per configuration (0, 1, ...)",
-    )
+    a("--seeds", type=int, default=3, help="seeds per configuration (0, 1, ...)")
     a(
         "--samples",
         type=int,

@@ -126,7 +126,6 @@ class Experiment(Generic[S]):
       notes: ``notes(summary)``: lines printed under the table.
       figures: ``figures(results, settings, out)`` draws the PNG figures into
         ``out`` and returns their paths.
-      seeds: the default of ``--seeds``: as many as the report's claims need.
     """
 
     name: str
@@ -142,7 +141,6 @@ class Experiment(Generic[S]):
     table: Callable[[Summary], str]
     notes: Callable[[Summary], list[str]]
     figures: Callable[[Sequence[Result], S, Path], list[Path]]
-    seeds: int = 3
 
     def load_settings(self, stored: Mapping[str, Any]) -> S:
         """The settings back from their JSON form (``dataclasses.asdict``)."""

@@ -52,6 +52,30 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 _STEPS: dict[Hashable, tuple[Callable, Callable]] = {}  # compiled once per process
 
 
+def _loss_fn(train_def, label_smoothing: float) -> Callable:
+    """The label-smoothed loss of a batch, with the new BatchNorm statistics and the
+    logits: ``loss_fn(params, stats, x, y) -> (loss, (stats, logits))``."""
+
+    def loss_fn(params, stats, x, y):
+        model = nnx.merge(train_def, params, stats, copy=True)
+        logits = model(x)
+        loss = ow.smoothed_cross_entropy(logits, y, label_smoothing).mean()
+        return loss, (nnx.state(model, nnx.BatchStat), logits)
+
+    return loss_fn
+
+
+def _errors(eval_def) -> Callable:
+    """The jitted count of errors in a weighted batch, and of the examples counted."""
+
+    @jax.jit
+    def errors(params, stats, x, y, weight):
+        logits = nnx.merge(eval_def, params, stats, copy=True)(x)
+        return jnp.sum((jnp.argmax(logits, -1) != y) * weight), jnp.sum(weight)
+
+    return errors
+
+
 def _steps(
     key: Hashable | None,
     train_def,
@@ -64,11 +88,7 @@ def _steps(
     if key is not None and key in _STEPS:
         return _STEPS[key]
 
-    def loss_fn(params, stats, x, y):
-        model = nnx.merge(train_def, params, stats, copy=True)
-        logits = model(x)
-        loss = ow.smoothed_cross_entropy(logits, y, label_smoothing).mean()
-        return loss, (nnx.state(model, nnx.BatchStat), logits)
+    loss_fn = _loss_fn(train_def, label_smoothing)
 
     @jax.jit
     def train_step(params, stats, opt_state, x, y):
@@ -93,11 +113,7 @@ def _steps(
         error = jnp.mean(jnp.argmax(logits, -1) != y)
         return params, stats, opt_state, loss, error
 
-    @jax.jit
-    def errors(params, stats, x, y, weight):  # and the examples counted
-        logits = nnx.merge(eval_def, params, stats, copy=True)(x)
-        return jnp.sum((jnp.argmax(logits, -1) != y) * weight), jnp.sum(weight)
-
+    errors = _errors(eval_def)
     if key is not None:
         _STEPS[key] = (train_step, errors)
     return train_step, errors
@@ -307,11 +323,7 @@ def _micro_steps(
     if key is not None and key in _MICRO_STEPS:
         return _MICRO_STEPS[key]
 
-    def loss_fn(params, stats, x, y):
-        model = nnx.merge(train_def, params, stats, copy=True)
-        logits = model(x)
-        loss = ow.smoothed_cross_entropy(logits, y, label_smoothing).mean()
-        return loss, (nnx.state(model, nnx.BatchStat), logits)
+    loss_fn = _loss_fn(train_def, label_smoothing)
 
     @jax.jit
     def micro_step(params, stats, opt_state, x, y):
@@ -330,11 +342,7 @@ def _micro_steps(
         }
         return params, stats, opt_state, status
 
-    @jax.jit
-    def errors(params, stats, x, y, weight):
-        logits = nnx.merge(eval_def, params, stats, copy=True)(x)
-        return jnp.sum((jnp.argmax(logits, -1) != y) * weight), jnp.sum(weight)
-
+    errors = _errors(eval_def)
     if key is not None:
         _MICRO_STEPS[key] = (micro_step, errors)
     return micro_step, errors
