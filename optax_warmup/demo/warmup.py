@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -428,14 +428,7 @@ def markdown_table(summary: Summary) -> str:
         gap, p = "–", None
         if "shift_vs_reference" in s:
             stored = s["shift_vs_reference"]
-            shift = stats.Shift(
-                **{
-                    **stored,
-                    "low": -math.inf if stored["low"] is None else stored["low"],
-                    "high": math.inf if stored["high"] is None else stored["high"],
-                }
-            )
-            gap, p = _shift_cell(shift), shift.p_value
+            gap, p = _shift_cell(stored), stored["p_value"]
         diverged = f" ({s['diverged_runs']} diverged)" if s["diverged_runs"] else ""
         rows.append(
             [
@@ -451,13 +444,14 @@ def markdown_table(summary: Summary) -> str:
     return report.markdown_table(header, rows)
 
 
-def _shift_cell(shift: stats.Shift) -> str:
-    """``+0.40 [+0.25, +0.55]``: the shift and its interval in percentage points."""
+def _shift_cell(shift: Mapping[str, Any]) -> str:
+    """``+0.40 [+0.25, +0.55]``: a shift (``Shift._asdict()``, or its JSON form with
+    None for an infinite end) and its interval in percentage points."""
     ends = ", ".join(
-        "–" if not np.isfinite(end) else f"{100 * end:+.2f}"
-        for end in (shift.low, shift.high)
+        "–" if end is None or not np.isfinite(end) else f"{100 * end:+.2f}"
+        for end in (shift["low"], shift["high"])
     )
-    return f"{100 * shift.estimate:+.2f} [{ends}]"
+    return f"{100 * shift['estimate']:+.2f} [{ends}]"
 
 
 def notes(summary: Summary) -> list[str]:
@@ -474,7 +468,8 @@ def notes(summary: Summary) -> list[str]:
             f"Goyal et al.'s Table 1 on these seeds (shift, {CONFIDENCE:.0%} interval):"
         )
         lines += [
-            f"  {f.verdict:9}  {f.claim}: {_shift_cell(f.shift)} pp (Goyal: {f.goyal})"
+            f"  {f.verdict:9}  {f.claim}: {_shift_cell(f.shift._asdict())} pp "
+            f"(Goyal: {f.goyal})"
             for f in found
         ]
     return lines
